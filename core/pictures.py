@@ -1,0 +1,254 @@
+"""Small pictures for job artifacts: bar charts, latent previews, side-by-side panels, sample grids.
+
+Everything returns uint8 numpy arrays [H, W, 3]; writing them to disk is the runner's job.
+
+Decisions:
+- No matplotlib. Shapes are drawn with Pillow's ImageDraw and text with Pillow's built-in bitmap
+  font (`ImageFont.load_default_imagefont`, no font file), so a picture is the same on any host
+  whether or not FreeType is installed. Pillow is the one import here beyond torch/numpy/stdlib.
+- The latent preview is a linear map fitted per job (least squares of the area-downsampled input
+  image on the latent channels), not a table of per-model constants, so it works for any VAE.
+- Panels are brought to a common height with nearest-neighbour resampling: previews stay blocky
+  instead of looking smoother (or sharper) than the data they show.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+BACKGROUND = (255, 255, 255)
+INK = (0, 0, 0)
+BAR_RGB = (70, 130, 180)
+AXIS_RGB = (90, 90, 90)
+WHISKER_RGB = (200, 40, 40)
+TEXT_PAD = 2
+
+
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default_imagefont()
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str) -> tuple[int, int]:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=_font())
+    return right - left, bottom - top
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def bar_chart(
+    values: Sequence[float],
+    *,
+    errors: Sequence[float] | None = None,
+    labels: Sequence[str] | None = None,
+    title: str = "",
+    size: tuple[int, int] = (320, 640),
+) -> np.ndarray:
+    """Vertical bars from a zero line, uint8 [height, width, 3] with size = (height, width).
+
+    errors: optional non-negative half-lengths (e.g. std) drawn as whiskers value +- error. Values may
+    be negative; the value axis always includes 0 and is annotated with its top, 0 and bottom. Tick
+    labels are drawn for every k-th bar, with the smallest k at which they do not overlap.
+    """
+    vals = [float(v) for v in values]
+    n = len(vals)
+    errs = [0.0] * n if errors is None else [float(e) for e in errors]
+    height, width = size
+    if n == 0:
+        raise ValueError("values must not be empty")
+    if len(errs) != n or (labels is not None and len(labels) != n):
+        raise ValueError(f"errors and labels need {n} entries, got {len(errs)} and {len(labels or [])}")
+    if not all(math.isfinite(v) for v in vals + errs) or min(errs) < 0:
+        raise ValueError(f"values must be finite and errors finite and >= 0, got {vals} and {errs}")
+    if height < 64 or width < 64 + 2 * n:
+        raise ValueError(f"size (height, width) = {size} is too small for {n} bars")
+
+    img = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    _, line_h = _text_size(draw, "0")
+    lo = min(0.0, min(v - e for v, e in zip(vals, errs, strict=True)))
+    hi = max(0.0, max(v + e for v, e in zip(vals, errs, strict=True)))
+    if hi == lo:
+        hi = 1.0
+    # Plot area: title band on top, tick-label band below, value annotations on the left.
+    top = TEXT_PAD + (line_h + 2 * TEXT_PAD if title else 0) + line_h // 2
+    bottom = height - 1 - (line_h + 2 * TEXT_PAD if labels is not None else TEXT_PAD) - line_h // 2
+    left = max(_text_size(draw, _fmt(v))[0] for v in (lo, hi, 0.0)) + 3 * TEXT_PAD
+    right = width - 1 - TEXT_PAD
+
+    def row(v: float) -> int:
+        return round(top + (hi - v) / (hi - lo) * (bottom - top))
+
+    zero = row(0.0)
+    slot = (right - left) / n
+    for i, (v, e) in enumerate(zip(vals, errs, strict=True)):
+        x0 = round(left + i * slot + 0.15 * slot)
+        x1 = max(round(left + (i + 1) * slot - 0.15 * slot) - 1, x0)
+        if v != 0:
+            y_val = row(v)
+            draw.rectangle((x0, min(y_val, zero), x1, max(y_val, zero)), fill=BAR_RGB)
+        if e > 0:
+            xc, cap = (x0 + x1) // 2, max((x1 - x0) // 4, 1)
+            y_hi, y_lo = row(v + e), row(v - e)
+            draw.line((xc, y_hi, xc, y_lo), fill=WHISKER_RGB)
+            draw.line((xc - cap, y_hi, xc + cap, y_hi), fill=WHISKER_RGB)
+            draw.line((xc - cap, y_lo, xc + cap, y_lo), fill=WHISKER_RGB)
+    draw.line((left, zero, right, zero), fill=AXIS_RGB)
+    draw.line((left - 1, top, left - 1, bottom), fill=AXIS_RGB)
+
+    font = _font()
+    # Annotate 0, and the axis ends unless they would overlap the "0".
+    for v in [0.0] + [u for u in (lo, hi) if abs(row(u) - zero) >= line_h]:
+        text = _fmt(v)
+        tw, th = _text_size(draw, text)
+        draw.text((left - 2 * TEXT_PAD - tw, row(v) - th // 2), text, fill=INK, font=font)
+    if title:
+        tw, _ = _text_size(draw, title)
+        draw.text((max((width - tw) // 2, 0), TEXT_PAD), title, fill=INK, font=font)
+    if labels is not None:
+        widest = max(_text_size(draw, str(s))[0] for s in labels) + TEXT_PAD
+        step = max(1, math.ceil(widest / slot))
+        for i in range(0, n, step):
+            tw, _ = _text_size(draw, str(labels[i]))
+            xc = left + (i + 0.5) * slot
+            draw.text(
+                (round(xc - tw / 2), bottom + line_h // 2 + TEXT_PAD), str(labels[i]), fill=INK, font=font
+            )
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatentPreview:
+    """Linear latent-to-RGB map: rgb[:, y, x] = weight @ latent[:, y, x] + bias, weight [3, C], bias [3]."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.weight.dim() != 2 or self.weight.shape[0] != 3:
+            raise ValueError(f"weight must be [3, C], got shape {tuple(self.weight.shape)}")
+        if tuple(self.bias.shape) != (3,):
+            raise ValueError(f"bias must be [3], got shape {tuple(self.bias.shape)}")
+
+
+def fit_latent_preview(latent: torch.Tensor, image: torch.Tensor, *, ridge: float = 1e-6) -> LatentPreview:
+    """Least-squares latent -> RGB map from one (latent [1, C, h, w], image [1, 3, H, W]) pair.
+
+    The image is area-downsampled to the latent grid (h, w), then [W | b] minimises
+    sum ||W z + b - rgb||^2 + lambda ||W||_F^2 over latent pixels z, with lambda = ridge times the mean
+    of diag(Z^T Z) (scale-free; the bias is not penalised). The ridge keeps the normal equations
+    solvable when channels are collinear. Solved in float64; returned float32 on the latent's device.
+    """
+    if latent.dim() != 4 or latent.shape[0] != 1:
+        raise ValueError(f"latent must be [1, C, h, w], got shape {tuple(latent.shape)}")
+    if image.dim() != 4 or image.shape[:2] != (1, 3):
+        raise ValueError(f"image must be [1, 3, H, W], got shape {tuple(image.shape)}")
+    h, w = latent.shape[-2:]
+    if image.shape[-2] < h or image.shape[-1] < w:
+        raise ValueError(f"image {tuple(image.shape[-2:])} is smaller than the latent grid {(h, w)}")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    target = F.interpolate(image.to(torch.float64), size=(h, w), mode="area")
+    z = latent[0].to(torch.float64).flatten(1).T  # [N, C]
+    rgb = target[0].to(z.device).flatten(1).T  # [N, 3]
+    c = z.shape[1]
+    x = torch.cat([z, z.new_ones(z.shape[0], 1)], dim=1)  # [N, C + 1]
+    gram = x.T @ x
+    lam = ridge * gram.diagonal()[:c].mean()
+    gram[range(c), range(c)] += lam
+    coef = torch.linalg.solve(gram, x.T @ rgb)  # [C + 1, 3]
+    return LatentPreview(weight=coef[:c].T.to(torch.float32), bias=coef[c].to(torch.float32))
+
+
+def preview_rgb(latent: torch.Tensor, preview: LatentPreview, *, upscale: int = 1) -> np.ndarray:
+    """uint8 [h * upscale, w * upscale, 3] picture of latent [1, C, h, w] or [C, h, w], nearest-upscaled."""
+    z = latent[0] if latent.dim() == 4 and latent.shape[0] == 1 else latent
+    if z.dim() != 3 or z.shape[0] != preview.weight.shape[1]:
+        raise ValueError(
+            f"latent must be [1, C, h, w] or [C, h, w] with C = {preview.weight.shape[1]}, "
+            f"got shape {tuple(latent.shape)}"
+        )
+    if upscale < 1:
+        raise ValueError(f"upscale must be >= 1, got {upscale}")
+    weight = preview.weight.to(device=z.device, dtype=torch.float32)
+    bias = preview.bias.to(device=z.device, dtype=torch.float32)
+    rgb = torch.einsum("kc,chw->hwk", weight, z.to(torch.float32)) + bias  # [h, w, 3]
+    out = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    if upscale > 1:
+        out = out.repeat(upscale, axis=0).repeat(upscale, axis=1)
+    return out
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """A float image [3, H, W] or [1, 3, H, W] in [0, 1] as uint8 [H, W, 3] (clamped, rounded)."""
+    if image.ndim == 4:
+        if image.shape[0] != 1:
+            raise ValueError(f"one image at a time, got a batch of {image.shape[0]}")
+        image = image[0]
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image tensors must be [3, H, W], got {tuple(image.shape)}")
+    arr = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return np.ascontiguousarray(arr)
+
+
+def _check_rgb(images: Sequence[np.ndarray]) -> None:
+    if len(images) == 0:
+        raise ValueError("images must not be empty")
+    for i, im in enumerate(images):
+        if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+            raise ValueError(f"images[{i}] must be uint8 [H, W, 3], got {im.dtype} {im.shape}")
+
+
+def side_by_side(
+    images: Sequence[np.ndarray], *, labels: Sequence[str] | None = None, pad: int = 8
+) -> np.ndarray:
+    """Panels in one row, each nearest-resized to the tallest height, with labels above them."""
+    _check_rgb(images)
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"labels need {len(images)} entries, got {len(labels)}")
+    if pad < 0:
+        raise ValueError(f"pad must be >= 0, got {pad}")
+    height = max(im.shape[0] for im in images)
+    panels = []
+    for im in images:
+        w = max(1, round(im.shape[1] * height / im.shape[0]))
+        panels.append(np.asarray(Image.fromarray(im).resize((w, height), Image.Resampling.NEAREST)))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_h = _text_size(probe, "Ag")[1] + 2 * TEXT_PAD if labels is not None else 0
+    total_w = sum(p.shape[1] for p in panels) + pad * (len(panels) + 1)
+    canvas = Image.new("RGB", (total_w, height + label_h + 2 * pad), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    x = pad
+    for i, p in enumerate(panels):
+        canvas.paste(Image.fromarray(p), (x, pad + label_h))
+        if labels is not None:
+            draw.text((x, pad + TEXT_PAD), str(labels[i]), fill=INK, font=_font())
+        x += p.shape[1] + pad
+    return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def grid(images: Sequence[np.ndarray], cols: int, pad: int = 8) -> np.ndarray:
+    """Equal-size images in rows of `cols`, row-major, `pad` pixels of background between and around."""
+    _check_rgb(images)
+    if cols < 1 or pad < 0:
+        raise ValueError(f"cols must be >= 1 and pad >= 0, got cols={cols}, pad={pad}")
+    h, w = images[0].shape[:2]
+    if any(im.shape != images[0].shape for im in images):
+        raise ValueError(f"grid images must share one shape, got {[im.shape for im in images]}")
+    cols = min(cols, len(images))
+    rows = math.ceil(len(images) / cols)
+    out = np.empty((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), dtype=np.uint8)
+    out[:] = BACKGROUND
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        out[y : y + h, x : x + w] = im
+    return out
