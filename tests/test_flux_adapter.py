@@ -8,7 +8,13 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from core.models.backbone import Cond, RopeSpec
-from core.models.flux import FluxBackbone, load_flux_transformer, pack_latents, tiny_flux_config, unpack_latents
+from core.models.flux import (
+    FluxBackbone,
+    load_flux_transformer,
+    pack_latents,
+    tiny_flux_config,
+    unpack_latents,
+)
 
 pytestmark = pytest.mark.cpu
 

@@ -164,7 +164,9 @@ def load_model(spec: ModelSpec, device: torch.device | str) -> LoadedModel:
 
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.seed)
-                transformer = FluxTransformer2DModel(**config).to(dtype).eval().requires_grad_(False)
+                transformer = FluxTransformer2DModel(**config).eval().requires_grad_(False)
+            if dtype != torch.float32:
+                transformer = transformer.to(dtype)
         else:
             transformer = build_random_flux(config, dtype=dtype, device=device, seed=spec.seed)
         backbone = FluxBackbone(transformer, native_size=native)

@@ -1,0 +1,158 @@
+"""Job files: YAML + `key=value` overrides merged once with OmegaConf into frozen dataclasses.
+
+A job file has the runner's keys (task, output, pool, tracking) and, beside them, the task's own
+config fields. Both halves are checked against their dataclasses before any work starts: an
+unknown key, a value of the wrong type or an invalid value raises `JobConfigError` naming the
+field and the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from runner.registry import TASKS, TaskEntry
+
+
+class JobConfigError(ValueError):
+    """A job file or override that cannot run; the message names the field and the value."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolConfig:
+    """The named set of model workers a job runs on (reused across jobs while the cluster lives).
+
+    workers: 0 = one per GPU in the cluster (one worker on a CPU-only cluster).
+    gpus_per_worker: GPUs each worker reserves (a fraction lets small models share a GPU).
+    max_batch: views per forward; 0 = chosen from the worker's free memory.
+    max_in_flight: batches queued per worker, so a worker never waits for its next input.
+    gpu_memory_fraction: cap on each worker's share of its GPU's memory (sharing a GPU, or testing
+      the out-of-memory fallback).
+    """
+
+    name: str = "tessera"
+    workers: int = 0
+    gpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0
+    max_batch: int = 0
+    max_in_flight: int = 2
+    gpu_memory_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"pool.name must be letters, digits, - and _, got {self.name!r}")
+        if self.workers < 0:
+            raise ValueError(f"pool.workers must be >= 0, got {self.workers}")
+        if not 0 < self.gpus_per_worker <= 8:
+            raise ValueError(f"pool.gpus_per_worker must be in (0, 8], got {self.gpus_per_worker}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"pool.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.max_batch < 0:
+            raise ValueError(f"pool.max_batch must be >= 0, got {self.max_batch}")
+        if not 0 < self.gpu_memory_fraction <= 1:
+            raise ValueError(f"pool.gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+        if self.max_in_flight < 1:
+            raise ValueError(f"pool.max_in_flight must be >= 1, got {self.max_in_flight}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    """Metrics always go to metrics.jsonl in the output folder; Comet when asked (key from COMET_API_KEY)."""
+
+    comet: Literal["off", "online", "offline"] = "off"
+    project: str = "tessera"
+
+    def __post_init__(self) -> None:
+        if self.comet not in ("off", "online", "offline"):
+            raise ValueError(f"tracking.comet must be off, online or offline, got {self.comet!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunnerConfig:
+    """task: the job type; output: the job's folder; sweep: a job array (runner/sweep.py)."""
+
+    task: str
+    output: str
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: dict[str, Any] = field(default_factory=dict)
+
+
+RUNNER_KEYS = ("task", "output", "pool", "tracking", "sweep")
+
+
+@dataclass(frozen=True)
+class Job:
+    runner: RunnerConfig
+    task: TaskEntry
+    config: Any  # the task's frozen config dataclass
+    resolved: dict  # the merged plain config, for job.json
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).splitlines()[0]
+    return f"{key}: {msg}" if key else msg
+
+
+def _merge(schema_cls: type, data: dict, overrides: list[str], where: str) -> tuple[Any, dict]:
+    base = OmegaConf.structured(schema_cls)
+    OmegaConf.set_readonly(base, False)
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.create(data), OmegaConf.from_dotlist(overrides))
+        obj = OmegaConf.to_object(merged)
+    except ConfigKeyError as err:
+        raise JobConfigError(f"{where}: unknown key {_describe(err)}") from None
+    except MissingMandatoryValue as err:
+        raise JobConfigError(f"{where}: missing required value {_describe(err)}") from None
+    except ValidationError as err:
+        raise JobConfigError(f"{where}: invalid value {_describe(err)}") from None
+    except OmegaConfBaseException as err:
+        raise JobConfigError(f"{where}: {_describe(err)}") from None
+    except ValueError as err:  # __post_init__ validation names the field and the value
+        raise JobConfigError(f"{where}: {err}") from None
+    except TypeError as err:  # e.g. a dataclass field without a default left unset
+        raise JobConfigError(f"{where}: {err}") from None
+    return obj, OmegaConf.to_container(merged, resolve=True)
+
+
+def read_job_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise JobConfigError(f"job file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise JobConfigError(f"job file {str(path)!r} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise JobConfigError(f"job file {str(path)!r} must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Job:
+    """Parse, merge and validate a job file with `key=value` overrides; raises JobConfigError."""
+    data = read_job_file(path)
+    for item in overrides:
+        if "=" not in item:
+            raise JobConfigError(f"override {item!r} must look like key=value")
+    runner_over = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in RUNNER_KEYS]
+    task_over = [o for o in overrides if o not in runner_over]
+    runner_data = {k: data.pop(k) for k in RUNNER_KEYS if k in data}
+    task_name = next(
+        (o.split("=", 1)[1] for o in runner_over if o.startswith("task=")), runner_data.get("task")
+    )
+    if task_name is None:
+        raise JobConfigError(f"{path}: missing required key 'task' (one of {sorted(TASKS)})")
+    if task_name not in TASKS:
+        raise JobConfigError(f"{path}: task {task_name!r} is not a known task; known: {sorted(TASKS)}")
+    if "output" not in runner_data and not any(o.startswith("output=") for o in runner_over):
+        raise JobConfigError(f"{path}: missing required key 'output' (the job's output folder)")
+    entry = TASKS[task_name]
+    runner_cfg, runner_resolved = _merge(RunnerConfig, runner_data, runner_over, str(path))
+    task_cfg, task_resolved = _merge(entry.config_cls(), data, task_over, str(path))
+    return Job(runner_cfg, entry, task_cfg, {**runner_resolved, **task_resolved})

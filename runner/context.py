@@ -1,0 +1,214 @@
+"""The runner's side of `tasks.context`: a job's artifacts, and its model pool (Ray or in-process)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.models.backbone import Cond
+from core.models.loading import LoadedModel
+from core.views import ViewInput, evaluate_in_process
+from runner import artifacts
+from runner.tracking import Tracker
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class JobArtifacts:
+    """Files under the output folder, the job record (job.json), timings, progress lines and metrics."""
+
+    def __init__(self, output: Path, tracker: Tracker | None = None, stream=None) -> None:
+        self.output = Path(output)
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.tracker = tracker
+        self.stream = stream or sys.stdout
+        self.records: dict[str, Any] = {}
+        self.fallbacks: list[dict] = []
+        self.timings: dict[str, float] = {}
+        self._progress_start: dict[str, tuple[float, int]] = {}
+
+    def path(self, name: str) -> Path:
+        path = (self.output / name).resolve()
+        if self.output.resolve() not in path.parents and path != self.output.resolve():
+            raise ValueError(f"artifact name {name!r} leaves the output folder")
+        return path
+
+    def read_image(self, path: str) -> torch.Tensor:
+        return artifacts.read_image(path)
+
+    def directory(self, name: str) -> str:
+        path = self.path(name)
+        path.mkdir(parents=True, exist_ok=True)
+        return str(path)
+
+    def save_image(self, name: str, image: torch.Tensor | np.ndarray) -> str:
+        artifacts.write_png(self.path(name), image)
+        return name
+
+    def save_json(self, name: str, data: Any) -> str:
+        artifacts.write_json(self.path(name), data)
+        return name
+
+    def save_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> str:
+        artifacts.write_tensors(self.path(name), tensors)
+        return name
+
+    def load_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
+        return artifacts.read_tensors(self.path(name))
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log(metrics, step)
+
+    def progress(
+        self, label: str, done: int, total: int, *, unit: str = "views", count: int | None = None
+    ) -> None:
+        now = time.perf_counter()
+        count = done if count is None else count
+        start, start_count = self._progress_start.setdefault(label, (now, 0))
+        if done == 0:
+            self._progress_start[label] = (now, count)
+            start, start_count = now, count
+        elapsed = now - start
+        rate = (count - start_count) / elapsed if elapsed > 0 else float("nan")
+        steps_rate = done / elapsed if elapsed > 0 and done else float("nan")
+        eta = (total - done) / steps_rate if steps_rate and np.isfinite(steps_rate) else float("nan")
+        line = f"[{label}] {done}/{total} | {count} {unit} | {rate:.2f} {unit}/s | ETA {_fmt_duration(eta)}"
+        print(line, file=self.stream, flush=True)
+
+    def record(self, key: str, value: Any) -> None:
+        self.records[key] = value
+
+    def record_fallback(self, what: str, reason: str) -> None:
+        self.fallbacks.append({"what": what, "reason": reason})
+        print(f"[fallback] {what}: {reason}", file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def timer(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+class LocalModelPool:
+    """A model held by this process: the in-process fan-out, used by tests and by `device` tasks."""
+
+    def __init__(self, model: LoadedModel, *, max_batch: int = 4) -> None:
+        self.model = model
+        self.max_batch = max_batch
+        backbone = model.backbone
+        self.latent_channels = backbone.latent_channels
+        self.native_size = backbone.native_size
+        self.vae_scale_factor = model.vae.scale_factor
+        self._cond: Cond | None = None
+        self.model_s = 0.0
+        self.views = 0
+
+    def cond(self) -> Cond:
+        if self._cond is None:
+            self._cond = self.model.make_cond()
+        return self._cond
+
+    def evaluate(self, views: Sequence[ViewInput]) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        out = evaluate_in_process(self.model.backbone, self.cond(), views, max_batch=self.max_batch)
+        self.model_s += time.perf_counter() - start
+        self.views += len(views)
+        return out
+
+    def encode(self, images: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
+        from core.tiled_vae import tiled_encode
+
+        with torch.no_grad():
+            return tiled_encode(self.model.vae, images, tile=tile) if tile else self.model.vae.encode(images)
+
+    def decode(self, latents: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
+        from core.tiled_vae import tiled_decode
+
+        f = self.vae_scale_factor
+        with torch.no_grad():
+            if tile:
+                return tiled_decode(self.model.vae, latents, tile=max(1, tile // f))
+            return self.model.vae.decode(latents)
+
+    def summary(self) -> dict:
+        return {
+            "views": self.views,
+            "model_s": round(self.model_s, 4),
+            "workers": [{"index": 0, "in_process": True}],
+        }
+
+
+class JobContext:
+    """Artifacts plus a model pool: what an upscale task receives as `ctx`."""
+
+    def __init__(self, artifacts_: JobArtifacts, pool) -> None:
+        self.artifacts = artifacts_
+        self.pool = pool
+        self.latent_channels = pool.latent_channels
+        self.native_size = pool.native_size
+        self.vae_scale_factor = pool.vae_scale_factor
+
+    # ModelPool
+    def cond(self) -> Cond:
+        return self.pool.cond()
+
+    def evaluate(self, views: Sequence[ViewInput]) -> list[torch.Tensor]:
+        with self.artifacts.timer("evaluate"):
+            return self.pool.evaluate(views)
+
+    def encode(self, images: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
+        with self.artifacts.timer("vae_encode"):
+            return self.pool.encode(images, tile=tile)
+
+    def decode(self, latents: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
+        with self.artifacts.timer("vae_decode"):
+            return self.pool.decode(latents, tile=tile)
+
+    # Artifacts
+    def read_image(self, path):
+        return self.artifacts.read_image(path)
+
+    def directory(self, name):
+        return self.artifacts.directory(name)
+
+    def save_image(self, name, image):
+        return self.artifacts.save_image(name, image)
+
+    def save_json(self, name, data):
+        return self.artifacts.save_json(name, data)
+
+    def save_tensors(self, name, tensors):
+        return self.artifacts.save_tensors(name, tensors)
+
+    def load_tensors(self, name):
+        return self.artifacts.load_tensors(name)
+
+    def log_metrics(self, metrics, *, step):
+        self.artifacts.log_metrics(metrics, step=step)
+
+    def progress(self, label, done, total, *, unit="views", count=None):
+        self.artifacts.progress(label, done, total, unit=unit, count=count)
+
+    def record(self, key, value):
+        self.artifacts.record(key, value)
+
+    def record_fallback(self, what, reason):
+        self.artifacts.record_fallback(what, reason)
+
+    def timer(self, name):
+        return self.artifacts.timer(name)

@@ -1,0 +1,81 @@
+"""The Ray side of `tasks.context.ModelPool`: views through the dispatcher, conditioning computed
+once and broadcast by reference, and the VAE (tiled passes spread over every worker)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+import ray
+import torch
+
+from core.models.backbone import Cond
+from core.views import ViewInput
+from runner.config import PoolConfig
+from runner.dispatch import Dispatcher
+from runner.pool import WorkerPool
+from runner.vae_pool import tiled_over_pool
+
+
+class RayModelPool:
+    def __init__(self, pool: WorkerPool, cfg: PoolConfig, *, job: str | None = None) -> None:
+        self.pool = pool
+        self.cfg = cfg
+        self.job = job or uuid.uuid4().hex[:12]
+        self.meta = meta = ray.get(pool.workers[0].model_meta.remote())
+        self.latent_channels = meta["latent_channels"]
+        self.native_size = meta["native_size"]
+        self.vae_scale_factor = meta["vae_scale_factor"]
+        self._cond: Cond | None = None
+        self._batch_cache: dict[tuple[int, ...], int] = {}
+        self.dispatcher = Dispatcher(
+            pool.workers, self.job, max_batch=self.max_batch, max_in_flight=cfg.max_in_flight
+        )
+        self.vae_rounds = 0
+
+    def max_batch(self, shape: tuple[int, ...]) -> int:
+        """The pool's batch size for views of `shape`: the configured one, else the smallest any worker
+        can hold (so every worker can run every batch and batching never depends on placement)."""
+        if self.cfg.max_batch:
+            return self.cfg.max_batch
+        if shape not in self._batch_cache:
+            self._batch_cache[shape] = min(ray.get([w.max_batch.remote(shape) for w in self.pool.workers]))
+        return self._batch_cache[shape]
+
+    def cond(self) -> Cond:
+        if self._cond is None:
+            self._cond = ray.get(self.pool.workers[0].make_cond.remote())
+            ref = ray.put(self._cond)
+            ray.get([w.set_cond.remote(self.job, ref) for w in self.pool.workers])
+        return self._cond
+
+    def evaluate(self, views: Sequence[ViewInput]) -> list[torch.Tensor]:
+        self.cond()
+        return self.dispatcher.evaluate(views)
+
+    def encode(self, images: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
+        if not tile:
+            return ray.get(self.pool.workers[0].encode.remote(images))
+        out, rounds = tiled_over_pool(self.pool.workers, self.job, "encode", images, self.meta, tile_px=tile)
+        self.vae_rounds += rounds
+        return out
+
+    def decode(self, latents: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
+        if not tile:
+            return ray.get(self.pool.workers[0].decode.remote(latents))
+        out, rounds = tiled_over_pool(self.pool.workers, self.job, "decode", latents, self.meta, tile_px=tile)
+        self.vae_rounds += rounds
+        return out
+
+    def close(self) -> None:
+        ray.get([w.end_job.remote(self.job) for w in self.pool.workers])
+
+    def summary(self) -> dict:
+        return {
+            **self.dispatcher.stats.summary(),
+            "oom_fallbacks": self.dispatcher.stats.oom_splits,
+            "requeued_batches": self.dispatcher.stats.requeued,
+            "vae_reduction_rounds": self.vae_rounds,
+            "workers": self.pool.infos,
+            "pool": {"name": self.pool.name, "size": self.pool.size, "created": self.pool.created},
+        }

@@ -1,0 +1,187 @@
+"""Running one job: validate, start or join Ray, bring up the pool, run the task, write job.json.
+
+job.json holds the resolved config, package versions, the seed, timings (total, in-model, dispatch
+overhead), views per step, the workers used and every fallback that ran. It is written even when
+the task fails (with the error), so nothing already measured is lost.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from runner.artifacts import write_json
+from runner.config import Job, JobConfigError, load_job
+from runner.context import JobArtifacts, JobContext
+from runner.ray_init import init_ray
+from runner.sweep import expand, folder_name, override
+from runner.tracking import Tracker
+
+PACKAGES = (
+    "tessera",
+    "torch",
+    "ray",
+    "diffusers",
+    "transformers",
+    "safetensors",
+    "pyarrow",
+    "omegaconf",
+    "numpy",
+)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def check_job(job: Job) -> None:
+    """Task-level checks that need the filesystem (inputs exist, sizes fit) before any work starts."""
+    module = importlib.import_module(job.task.module)
+    check = getattr(module, "check", None)
+    if check is None:
+        return
+    try:
+        check(job.config)
+    except (ValueError, FileNotFoundError) as err:
+        raise JobConfigError(str(err)) from None
+
+
+@dataclass
+class JobOutcome:
+    output: Path
+    record: dict[str, Any]
+    result: Any
+
+
+def run_job(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, stream=None
+) -> list[JobOutcome]:
+    """Run a job file (every job of its sweep, in order, on one shared pool); returns the outcomes."""
+    job = load_job(path, list(overrides))
+    if not job.runner.sweep:
+        return [_run_one(job, stream)]
+    combos = expand(job.runner.sweep, Path(path).resolve().parent)
+    jobs = []
+    for i, coords in enumerate(combos):  # validate every combination before any work starts
+        sub = [*overrides, *(override(k, v) for k, v in coords.items())]
+        sub.append(f"output={Path(job.runner.output) / folder_name(i, coords)}")
+        jobs.append((load_job(path, sub), coords))
+    outcomes = []
+    for sub_job, coords in jobs:
+        outcome = _run_one(sub_job, stream, coords=coords)
+        outcomes.append(outcome)
+    write_json(
+        Path(job.runner.output) / "sweep.json",
+        [
+            {"coords": c, "output": str(o.output), "status": o.record["status"]}
+            for (_, c), o in zip(jobs, outcomes, strict=True)
+        ],
+    )
+    return outcomes
+
+
+def _run_one(job: Job, stream, *, coords: dict | None = None) -> JobOutcome:
+    start = time.perf_counter()
+    check_job(job)
+    output = Path(job.runner.output)
+    output.mkdir(parents=True, exist_ok=True)
+    pool_task = job.task.needs == "pool"
+    tracker = (
+        Tracker(output, job.runner.tracking, job.resolved, name=f"{job.task.name}:{output.name}")
+        if pool_task
+        else None
+    )
+    arts = JobArtifacts(output, tracker, stream=stream or sys.stdout)
+    record: dict[str, Any] = {
+        "task": job.task.name,
+        "config": job.resolved,
+        "sweep_coords": coords,
+        "versions": versions(),
+        "seed": getattr(job.config, "seed", None),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    result, pool_summary, error = None, {}, None
+    try:
+        record["ray"] = init_ray()
+        if pool_task:
+            result, pool_summary = _run_pool_task(job, arts)
+        else:
+            result, pool_summary = _run_device_task(job, arts)
+    except BaseException as err:  # recorded in job.json, then re-raised
+        error = err
+        record["error"] = {
+            "type": type(err).__name__,
+            "message": str(err),
+            "traceback": traceback.format_exc(),
+        }
+        raise
+    finally:
+        total = time.perf_counter() - start
+        record["timings"] = {
+            "total_s": round(total, 4),
+            **{f"{k}_s": round(v, 4) for k, v in arts.timings.items()},
+        }
+        if pool_summary:
+            record["timings"]["in_model_s"] = pool_summary.get("model_s")
+            record["timings"]["dispatch_overhead_s"] = pool_summary.get("dispatch_overhead_s")
+        record["pool"] = pool_summary
+        record["records"] = arts.records
+        record["fallbacks"] = arts.fallbacks + [
+            {"what": "oom batch split", "reason": str(s)} for s in pool_summary.get("oom_fallbacks", [])
+        ]
+        record["status"] = "failed" if error else "succeeded"
+        arts.save_json("job.json", record)
+        if tracker is not None:
+            tracker.end()
+    return JobOutcome(output, record, result)
+
+
+def _run_pool_task(job: Job, arts: JobArtifacts) -> tuple[Any, dict]:
+    from runner.pool import connect_pool
+    from runner.ray_pool import RayModelPool
+
+    with arts.timer("pool_connect"):
+        pool = connect_pool(job.runner.pool, job.config.model)
+    model_pool = RayModelPool(pool, job.runner.pool)
+    ctx = JobContext(arts, model_pool)
+    try:
+        result = job.task.run_fn()(job.config, ctx)
+    finally:
+        summary = model_pool.summary()
+        model_pool.close()
+    return result, summary
+
+
+def _run_device_task(job: Job, arts: JobArtifacts) -> tuple[Any, dict]:
+    """A task that owns one device (training): in a GPU actor when the cluster has GPUs, else here."""
+    from runner.device_task import run_device_task
+
+    return run_device_task(job, arts)
+
+
+def main_run(path: str, overrides: list[str]) -> int:
+    try:
+        outcomes = run_job(path, overrides)
+    except JobConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    for outcome in outcomes:
+        print(f"done: {outcome.output / 'job.json'}")
+    return 0

@@ -1,0 +1,230 @@
+"""The model worker: a Ray actor that loads a model once and evaluates batches of views.
+
+One worker per GPU (or a fraction of one for small models; one per CPU-only cluster). It keeps the
+model loaded across jobs and reloads only when a job names a different ModelSpec. Per job it holds
+the conditioning on the device and, during a tiled VAE pass, the tile programs it was given.
+
+Out-of-memory policy (designed fallback, reported to the driver and recorded in job.json): a batch
+that does not fit is split in halves, recursively; a single view that does not fit raises
+`ViewTooLargeError` naming its shape, so the job can be re-planned with smaller tiles.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from core.models.backbone import Cond, RopeSpec
+from core.models.loading import LoadedModel, ModelSpec, load_model
+from core.tiled_vae import Box
+
+
+class ViewTooLargeError(RuntimeError):
+    """A single view does not fit in the worker's GPU memory."""
+
+
+@dataclass
+class BatchResult:
+    """Velocities for one batch plus what the worker observed doing it."""
+
+    v: torch.Tensor  # [B, C, h, w] float32 on the CPU
+    compute_s: float
+    worker: int
+    oom_splits: list[int] = field(default_factory=list)  # batch sizes that ran out of memory and were split
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+class ModelWorker:
+    def __init__(self, index: int, cpu_threads: int = 1, gpu_memory_fraction: float = 1.0) -> None:
+        self.index = index
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, cpu_threads))
+        elif gpu_memory_fraction < 1.0:
+            torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction)
+        self.spec: ModelSpec | None = None
+        self.model: LoadedModel | None = None
+        self.load_s = 0.0
+        self.conds: dict[str, Cond] = {}
+        self.programs: dict[str, list[tuple[int, Generator]]] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def info(self) -> dict:
+        import ray
+
+        gpu_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        return {
+            "index": self.index,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "device": str(self.device),
+            "device_name": gpu_name or "cpu",
+            "torch_threads": torch.get_num_threads(),
+            "model": None if self.spec is None else self.spec.__dict__,
+            "load_s": round(self.load_s, 3),
+        }
+
+    def load(self, spec: ModelSpec) -> dict:
+        """Load `spec` unless it is already loaded; returns info()."""
+        if spec != self.spec:
+            self.model = None
+            self.conds.clear()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            start = time.perf_counter()
+            self.model = load_model(spec, self.device)
+            self.load_s = time.perf_counter() - start
+            self.spec = spec
+        return self.info()
+
+    def _loaded(self) -> LoadedModel:
+        if self.model is None:
+            raise RuntimeError(f"worker {self.index} has no model loaded; call load(spec) first")
+        return self.model
+
+    def model_meta(self) -> dict:
+        model = self._loaded()
+        return {
+            "latent_channels": model.backbone.latent_channels,
+            "native_size": model.backbone.native_size,
+            "vae_scale_factor": model.vae.scale_factor,
+            "encode_halo": model.vae.encode_halo,
+            "decode_halo": model.vae.decode_halo,
+        }
+
+    def make_cond(self) -> Cond:
+        """The job's conditioning on the CPU (text encoders run here, once per job)."""
+        return self._loaded().make_cond()
+
+    def set_cond(self, job: str, cond: Cond) -> None:
+        param = next(self._loaded().backbone.parameters())  # type: ignore[attr-defined]
+        self.conds[job] = cond.to(self.device, param.dtype)
+
+    def end_job(self, job: str) -> None:
+        self.conds.pop(job, None)
+        self.programs.pop(job, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- views -----------------------------------------------------------------------------------
+    def max_batch(self, shape: Sequence[int]) -> int:
+        """Views of `shape` [C, h, w] per forward: 4 on a CPU; on a GPU, from free memory, <= 8."""
+        if self.device.type != "cuda":
+            return 4
+        backbone = self._loaded().backbone
+        t = backbone.transformer  # type: ignore[attr-defined]
+        tokens = shape[1] * shape[2] // 4 + 512
+        width = t.config.num_attention_heads * t.config.attention_head_dim
+        per_view = tokens * width * 2 * 16  # bf16 activations of one block incl. the 4x MLP, with margin
+        free, _ = torch.cuda.mem_get_info(self.device)
+        fit = max(1, int(0.5 * free // per_view))
+        batch = 1
+        while batch * 2 <= min(fit, 8):
+            batch *= 2
+        return batch
+
+    def velocity(self, job: str, x: torch.Tensor, sigma: torch.Tensor, rope: RopeSpec | None) -> BatchResult:
+        if job not in self.conds:
+            raise RuntimeError(f"worker {self.index}: no conditioning for job {job}; call set_cond first")
+        start = time.perf_counter()
+        splits: list[int] = []
+        v = self._forward(self.conds[job], x, sigma, rope, splits)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return BatchResult(v.float().cpu(), time.perf_counter() - start, self.index, splits)
+
+    def _forward(
+        self, cond: Cond, x: torch.Tensor, sigma: torch.Tensor, rope: RopeSpec | None, splits: list[int]
+    ) -> torch.Tensor:
+        backbone = self._loaded().backbone
+        try:
+            with torch.no_grad():
+                return backbone.velocity(x.to(self.device), sigma.to(self.device), cond, rope)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            b = x.shape[0]
+            if b == 1:
+                raise ViewTooLargeError(
+                    f"worker {self.index}: one view of shape {tuple(x.shape[1:])} does not fit in GPU memory;"
+                    " "
+                    "use smaller tiles"
+                ) from err
+            splits.append(b)
+            half = b // 2
+            first = self._forward(cond, x[:half], sigma[:half], rope, splits)
+            second = self._forward(cond, x[half:], sigma[half:], rope, splits)
+            return torch.cat([first, second])
+
+    # -- VAE -------------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._loaded().vae.encode(images.to(self.device)).float().cpu()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._loaded().vae.decode(latents.to(self.device)).float().cpu()
+
+    def vae_start(
+        self, job: str, op: str, tiles: list[tuple[int, torch.Tensor, Box]]
+    ) -> tuple[str, list[tuple[int, object]]]:
+        """Start tile programs (op "encode" or "decode") for the tiles given and run them to their
+        first reduction request: ("request", [(tile, request)]) or, with no reduction, ("done", outputs)."""
+        vae = self._loaded().vae
+        make = {"encode": vae.encode_program, "decode": vae.decode_program}[op]  # type: ignore[attr-defined]
+        self.programs[job] = [(i, make(window.to(self.device), core)) for i, window, core in tiles]
+        return self._advance(job, None)
+
+    def vae_send(self, job: str, reply: object) -> tuple[str, list[tuple[int, object]]]:
+        """Send the round's reduced reply to every program held for `job`; same return as vae_start."""
+        return self._advance(job, _to(reply, self.device))
+
+    def _advance(self, job: str, reply: object) -> tuple[str, list[tuple[int, object]]]:
+        requests, outputs = [], []
+        with torch.no_grad():
+            for i, program in self.programs[job]:
+                try:
+                    requests.append((i, _cpu(program.send(reply))))  # send(None) starts a generator
+                except StopIteration as stop:
+                    outputs.append((i, stop.value.float().cpu()))
+        if outputs and requests:
+            raise RuntimeError(f"worker {self.index}: tile programs of job {job} fell out of lockstep")
+        if outputs:
+            del self.programs[job]
+            return "done", outputs
+        return "request", requests
+
+
+def _cpu(obj: object) -> object:
+    return _to(obj, torch.device("cpu"))
+
+
+def _to(obj: object, device: torch.device) -> object:
+    """Move the tensors of a reduction request/reply dataclass to `device`."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return type(obj)(
+            **{
+                f.name: (
+                    getattr(obj, f.name).to(device)
+                    if torch.is_tensor(getattr(obj, f.name))
+                    else getattr(obj, f.name)
+                )
+                for f in dataclasses.fields(obj)
+            }
+        )
+    return obj

@@ -1,0 +1,105 @@
+"""Job files: merging, overrides and the errors a user sees before any work starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.config import JobConfigError, load_job
+from runner.run import check_job
+
+pytestmark = pytest.mark.cpu
+
+GOOD = """
+task: upscale
+output: {out}
+model: {{kind: random, shape: tiny}}
+image: {image}
+scale: 2
+steps: 4
+"""
+
+
+@pytest.fixture
+def image(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "in.png"
+    Image.new("RGB", (64, 48), (120, 80, 40)).save(path)
+    return path
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_merges_yaml_and_overrides(tmp_path, image):
+    job = load_job(
+        write(tmp_path, GOOD.format(out=tmp_path / "o", image=image)), ["steps=9", "pool.workers=2"]
+    )
+    assert job.config.steps == 9
+    assert job.runner.pool.workers == 2
+    assert job.config.model.shape == "tiny"
+    assert job.resolved["steps"] == 9 and job.resolved["pool"]["workers"] == 2
+    check_job(job)  # the input exists and the sizes fit
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "match"),
+    [
+        ("task: upscale\noutput: o\nimage: [unclosed\n", [], "not valid YAML"),
+        ("- a\n- b\n", [], "must be a mapping"),
+        ("output: o\nimage: x.png\nscale: 2\n", [], "missing required key 'task'"),
+        ("task: paint\noutput: o\n", [], "task 'paint' is not a known task"),
+        ("task: upscale\nimage: x.png\nscale: 2\n", [], "missing required key 'output'"),
+        (GOOD, ["stepz=3"], "unknown key stepz"),
+        (GOOD, ["tiling.tile_size=3"], "unknown key tiling.tile_size"),
+        (GOOD, ["pool.wrkers=3"], "unknown key pool.wrkers"),
+        (GOOD, ["steps=abc"], "invalid value steps: Value 'abc'"),
+        (GOOD, ["steps=0"], "steps must be >= 1, got 0"),
+        (GOOD, ["tiling.method=tiles"], "tiling.method must be one of"),
+        (GOOD, ["tiling.tile=100"], "tiling.tile must be 0 or a positive multiple of 16 pixels, got 100"),
+        (GOOD, ["denoise=[1.5]"], "denoise must be in \\[0, 1\\], got 1.5"),
+        (GOOD, ["model.kind=flux"], "model.path is required for kind flux"),
+        (GOOD, ["target=[512,512]"], "set exactly one of target"),
+        (GOOD, ["pool.workers=-1"], "pool.workers must be >= 0, got -1"),
+        (GOOD, ["steps"], "must look like key=value"),
+    ],
+)
+def test_bad_job_files_name_the_field_and_value(tmp_path, image, text, overrides, match):
+    path = write(tmp_path, text.format(out=tmp_path / "o", image=image) if "{" in text else text)
+    with pytest.raises(JobConfigError, match=match):
+        load_job(path, overrides)
+
+
+def test_missing_job_file(tmp_path):
+    with pytest.raises(JobConfigError, match="does not exist"):
+        load_job(tmp_path / "nope.yaml")
+
+
+def test_missing_input_and_wrong_sizes_fail_before_work(tmp_path, image):
+    path = write(tmp_path, GOOD.format(out=tmp_path / "o", image=image))
+    with pytest.raises(JobConfigError, match="image .*missing.png' does not exist"):
+        check_job(load_job(path, [f"image={tmp_path / 'missing.png'}"]))
+    with pytest.raises(JobConfigError, match=r"target \[32, 32\] is smaller than the image \(48x64\)"):
+        check_job(load_job(path, ["scale=0", "target=[32,32]"]))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(JobConfigError, match="is not a readable image"):
+        check_job(load_job(path, [f"image={tmp_path / 'bad.png'}"]))
+    from PIL import Image
+
+    Image.new("L", (10, 10)).save(tmp_path / "mask.png")
+    with pytest.raises(JobConfigError, match="mask .* is 10x10, the image is 48x64"):
+        check_job(load_job(path, [f"mask={tmp_path / 'mask.png'}"]))
+
+
+def test_example_job_files_parse():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "clusters"
+    files = sorted(root.glob("*.yaml")) + sorted((root / "examples").glob("*.yaml"))
+    jobs = [f for f in files if "task:" in f.read_text()]
+    assert len(jobs) >= 9
+    for f in jobs:
+        load_job(f)

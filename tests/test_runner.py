@@ -1,0 +1,161 @@
+"""The runner on a real local Ray (the session's `ray start --head` cluster with 2 fake GPUs)."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from core.models.loading import ModelSpec
+from core.views import ViewInput, evaluate_in_process
+from runner.config import PoolConfig
+from runner.dispatch import Dispatcher
+from runner.pool import PoolError, WorkerPool, connect_pool, shutdown_pool
+from runner.ray_pool import RayModelPool
+
+pytestmark = pytest.mark.cpu
+TINY = ModelSpec(kind="random", shape="tiny")
+
+
+@pytest.fixture(scope="module")
+def pool3(ray_cluster):
+    """Three tiny-model workers on the 2 fake GPUs (half a GPU each)."""
+    pool = connect_pool(PoolConfig(name="eq", workers=3, gpus_per_worker=0.5), TINY)
+    yield pool
+    shutdown_pool(pool)
+
+
+def subset(pool: WorkerPool, n: int) -> WorkerPool:
+    return WorkerPool(pool.name, pool.workers[:n], pool.infos[:n], 0)
+
+
+def flat(outputs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([o.reshape(-1) for o in outputs])
+
+
+def views(n: int, seed: int = 0) -> list[ViewInput]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(32, 8, 8), (32, 8, 12)]
+    return [ViewInput(torch.randn(*shapes[i % 2], generator=g), 0.9 - 0.1 * (i % 5)) for i in range(n)]
+
+
+def test_fake_gpus_get_one_worker_each(ray_cluster):
+    pool = connect_pool(PoolConfig(name="place", workers=0, gpus_per_worker=1), TINY)
+    try:
+        assert pool.size == 2  # one per fake GPU
+        assert sorted(info["gpu_ids"][0] for info in pool.infos) == ["0", "1"]
+        assert len({info["pid"] for info in pool.infos}) == 2
+        again = connect_pool(PoolConfig(name="place", workers=0, gpus_per_worker=1), TINY)
+        assert again.created == 0 and [i["pid"] for i in again.infos] == [i["pid"] for i in pool.infos]
+    finally:
+        shutdown_pool(pool)
+
+
+def test_pool_larger_than_the_cluster_is_refused(ray_cluster):
+    with pytest.raises(PoolError, match="needs 3 GPUs; the cluster has 2"):
+        connect_pool(PoolConfig(name="toobig", workers=3, gpus_per_worker=1), TINY)
+
+
+def test_results_do_not_depend_on_worker_count_or_batch_size(pool3):
+    vs = views(11)
+    outs = {}
+    for n in (1, 2, 3):
+        for batch in (1, 3):
+            rp = RayModelPool(subset(pool3, n), PoolConfig(name="eq", max_batch=batch), job=f"w{n}b{batch}")
+            try:
+                outs[(n, batch)] = flat(rp.evaluate(vs))
+                summary = rp.summary()
+            finally:
+                rp.close()
+            assert summary["views"] == 11
+            if n == 3:
+                assert len(summary["worker_busy_s"]) == 3  # every worker got work
+    ref = outs[(1, 1)]
+    for key, out in outs.items():
+        if key[1] == 1:
+            assert torch.equal(out, ref), key  # bitwise, whatever the number of workers
+        else:
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)  # batching changes only rounding
+    assert torch.equal(outs[(1, 3)], outs[(3, 3)])
+
+
+def test_dispatcher_bounds_in_flight_and_requeues_a_dead_workers_batch(pool3):
+    rp = RayModelPool(subset(pool3, 2), PoolConfig(name="eq", max_batch=1), job="requeue")
+    rp.cond()
+    expected = flat(rp.evaluate(views(6)))
+    victim = connect_pool(PoolConfig(name="victim", workers=1, gpus_per_worker=0.5), TINY)
+    ray.get(victim.workers[0].set_cond.remote("requeue", rp.cond()))
+    ray.kill(victim.workers[0], no_restart=True)
+    dispatcher = Dispatcher([victim.workers[0], *pool3.workers[:2]], "requeue", max_batch=1, max_in_flight=1)
+    out = flat(dispatcher.evaluate(views(6)))
+    rp.close()
+    assert torch.equal(out, expected)
+    assert dispatcher.stats.requeued and dispatcher.stats.requeued[0]["worker"] == 0
+    assert not dispatcher.alive[0]
+
+
+def test_tiled_vae_over_the_pool_equals_in_process(pool3):
+    from core.models.loading import load_model
+    from core.tiled_vae import tiled_decode
+
+    local = load_model(TINY, "cpu")
+    latents = torch.randn(1, 32, 20, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = tiled_decode(local.vae, latents, tile=8)
+        untiled = local.vae.decode(latents)
+    rp = RayModelPool(subset(pool3, 3), PoolConfig(name="eq"), job="vae")
+    try:
+        out = rp.decode(latents, tile=64)
+        images = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(4))
+        enc = rp.encode(images, tile=64)
+    finally:
+        rp.close()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out, untiled, rtol=0, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(enc, local.vae.encode(images), rtol=0, atol=1e-4)
+    assert rp.vae_rounds > 0
+
+
+def test_in_process_and_pool_batching_agree(pool3):
+    """The in-process evaluator batches exactly as the dispatcher does (same groups, same order)."""
+    from core.views import plan_batches
+
+    vs = views(7)
+    assert plan_batches(vs, 3) == [[0, 2, 4], [6], [1, 3, 5]]
+    from core.models.loading import load_model
+
+    local = load_model(TINY, "cpu")
+    out = evaluate_in_process(local.backbone, local.make_cond(), vs, max_batch=3)
+    assert [tuple(o.shape) for o in out] == [tuple(v.x.shape) for v in vs]
+
+
+def test_oom_shrinks_the_batch_and_is_reported():
+    """Fault injection: a backbone that runs out of memory above 2 views per forward."""
+    from core.models.loading import load_model
+    from runner.worker import ModelWorker, ViewTooLargeError
+
+    worker = ModelWorker(0)
+    worker.spec, worker.model = TINY, load_model(TINY, "cpu")
+    real = worker.model.backbone.velocity
+
+    def limited(x, sigma, cond, rope=None):
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(x, sigma, cond, rope)
+
+    worker.model.backbone.velocity = limited
+    worker.set_cond("j", worker.make_cond())
+    x = torch.randn(5, 32, 8, 8)
+    sigma = torch.full((5,), 0.5)
+    result = worker.velocity("j", x, sigma, None)
+    assert result.oom_splits == [5, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(result.v, real(x, sigma, worker.conds["j"]), rtol=0, atol=1e-5)
+
+    def never(x, sigma, cond, rope=None):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    worker.model.backbone.velocity = never
+    with pytest.raises(ViewTooLargeError, match=r"shape \(32, 8, 8\) does not fit"):
+        worker.velocity("j", x[:1], sigma[:1], None)
