@@ -39,7 +39,10 @@ def configure_backends(device: torch.device) -> dict:
     return {"cudnn_sdp": False, "tf32": True, "device_name": torch.cuda.get_device_name(device)}
 
 
-def _summary(result: Any) -> Any:
+def summarize(result: Any) -> Any:
+    """A task result's summary for job.json: a dict as is, else its summary() if it has one."""
+    if result is None or isinstance(result, dict):
+        return result
     summary = getattr(result, "summary", None)
     return summary() if callable(summary) else None
 
@@ -60,7 +63,7 @@ class DeviceTaskRunner:
             "records": {**ctx.records, "backends": backends},
             "fallbacks": ctx.fallbacks,
             "timings": ctx.timings,
-            "result": _summary(result),
+            "result": summarize(result),
         }
 
 

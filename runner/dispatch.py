@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError
@@ -93,7 +94,8 @@ class Dispatcher:
                 w = min(candidates, key=lambda i: (load[i], i))
                 b = queue.popleft()
                 x, sigma, rope = stack_batch(views, batches[b])
-                ref = self.workers[w].velocity.remote(self.job, x, sigma, rope)
+                # numpy travels zero-copy through Ray's object store (a pickled tensor is copied)
+                ref = self.workers[w].velocity.remote(self.job, x.float().numpy(), sigma.numpy(), rope)
                 in_flight[ref] = (b, w)
                 load[w] += 1
             if not in_flight:
@@ -112,8 +114,9 @@ class Dispatcher:
                     self.stats.requeued.append({"batch": b, "worker": w, "error": type(err).__name__})
                     queue.appendleft(b)
                     continue
+                v = torch.from_numpy(np.array(result.v))  # writable: Ray hands arrays over read-only
                 for j, i in enumerate(batches[b]):
-                    out[i] = result.v[j]
+                    out[i] = v[j]
                 busy[w] += result.compute_s
                 self.stats.model_s += result.compute_s
                 self.stats.busy_s[w] = self.stats.busy_s.get(w, 0.0) + result.compute_s

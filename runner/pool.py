@@ -2,14 +2,13 @@
 
 Workers are actors named "<pool>-<i>" in the "tessera" namespace. Each reserves
 `gpus_per_worker` GPUs, so Ray places one worker per GPU; on a CPU-only cluster the pool has
-one worker unless the job asks for more. On a long-lived cluster (RAY_ADDRESS set) the workers are
-detached: they outlive the job and the next job with the same pool name reuses them.
+one worker unless the job asks for more. Workers are detached: they outlive the job, and the next
+job with the same pool name reuses them with their model loaded.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import ray
@@ -46,8 +45,14 @@ def pool_size(cfg: PoolConfig, cluster_gpus: float) -> int:
     return max(1, math.floor(cluster_gpus / cfg.gpus_per_worker + 1e-9))
 
 
-def connect_pool(cfg: PoolConfig, spec: ModelSpec, *, detached: bool | None = None) -> WorkerPool:
-    """Find or create the pool's workers, load `spec` on each (in parallel), return their infos."""
+def connect_pool(cfg: PoolConfig, spec: ModelSpec, *, worker_cls: type = ModelWorker) -> WorkerPool:
+    """Find or create the pool's workers, load `spec` on each (in parallel), return their infos.
+
+    Workers are detached actors: they outlive the handles of the job that made them (so the next job
+    of this driver, or of any driver on a long-lived cluster, finds them loaded) and end with the
+    cluster or `shutdown_pool`. A local Ray started by `tessera run` ends with the run.
+    worker_cls: the actor class (a ModelWorker; benchmarks pass a subclass that simulates devices).
+    """
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0.0)
     cpus = resources.get("CPU", 0.0)
@@ -63,8 +68,6 @@ def connect_pool(cfg: PoolConfig, spec: ModelSpec, *, detached: bool | None = No
             f"pool.workers={n} x pool.cpus_per_worker={cfg.cpus_per_worker} needs "
             f"{n * cfg.cpus_per_worker:g} CPUs; the cluster has {cpus:g}"
         )
-    if detached is None:
-        detached = bool(os.environ.get("RAY_ADDRESS"))
     handles, created = [], 0
     for i in range(n):
         actor_name = f"{cfg.name}-{i}"
@@ -79,9 +82,9 @@ def connect_pool(cfg: PoolConfig, spec: ModelSpec, *, detached: bool | None = No
                 max_restarts=1,
                 # A call that crashes its worker is re-queued by the dispatcher, never retried blind.
                 max_task_retries=0,
+                lifetime="detached",
+                max_concurrency=2,  # see runner/worker.py: transport overlaps the device work
             )
-            if detached:
-                options["lifetime"] = "detached"
             handle = (
                 ray.remote(ModelWorker)
                 .options(**options)

@@ -71,7 +71,9 @@ class RayModelPool:
         ray.get([w.end_job.remote(self.job) for w in self.pool.workers])
 
     def summary(self) -> dict:
+        memory = ray.get([w.memory.remote() for w in self.pool.workers])
         return {
+            "worker_memory": memory,
             **self.dispatcher.stats.summary(),
             "oom_fallbacks": self.dispatcher.stats.oom_splits,
             "requeued_batches": self.dispatcher.stats.requeued,

@@ -21,6 +21,7 @@ import ray
 from runner.artifacts import write_json
 from runner.config import Job, JobConfigError, load_job
 from runner.context import JobArtifacts, JobContext
+from runner.device_task import summarize
 from runner.ray_init import init_ray
 from runner.sweep import expand, folder_name, override
 from runner.tracking import Tracker
@@ -143,6 +144,7 @@ def _run_one(job: Job, stream, *, coords: dict | None = None) -> JobOutcome:
         record["fallbacks"] = arts.fallbacks + [
             {"what": "oom batch split", "reason": str(s)} for s in pool_summary.get("oom_fallbacks", [])
         ]
+        record["result"] = summarize(result)
         record["status"] = "failed" if error else "succeeded"
         arts.save_json("job.json", record)
         if tracker is not None:

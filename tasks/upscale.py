@@ -336,7 +336,7 @@ def run(cfg: UpscaleConfig, ctx: UpscaleContext) -> UpscaleResult:
         start_phase, latent = int(saved["phase"].item()) + 1, saved["latent"]
         ctx.record("resumed_from_phase", start_phase)
 
-    image = source  # the current image (pixel-space resize input)
+    decoded = None  # the decoded image of `latent`, once something decoded it
     results: list[PhaseResult] = []
     for i in range(start_phase, phases):
         label = f"phase{i + 1}"
@@ -344,11 +344,11 @@ def run(cfg: UpscaleConfig, ctx: UpscaleContext) -> UpscaleResult:
         lat_size = (size.height // f, size.width // f)
         with ctx.timer("resize"):
             if cfg.resize == "pixel":
-                current = image if latent is None else up.decode(latent)
+                current = source if latent is None else decoded if decoded is not None else up.decode(latent)
                 u_img = resize_image(current, tuple(size), cfg.resize_method)
                 u = up.encode(u_img)
             else:
-                latent = up.encode(image) if latent is None else latent
+                latent = up.encode(source) if latent is None else latent
                 u_img = None
                 if cfg.resize == "latent":
                     u, used = resize_latent(latent, lat_size, cfg.resize_method)
@@ -381,13 +381,7 @@ def run(cfg: UpscaleConfig, ctx: UpscaleContext) -> UpscaleResult:
             )
         results.append(res)
         latent = res.latent
-        image = (
-            up.phase_artifacts(label, latent)
-            if cfg.outputs.phase_images or cfg.outputs.latent_stats
-            else None
-        )
-        if image is None and cfg.resize == "pixel":
-            image = up.decode(latent)
+        decoded = up.phase_artifacts(label, latent)
         if cfg.outputs.checkpoints:
             ctx.save_tensors(
                 CHECKPOINT, {"latent": latent, "phase": torch.tensor([i]), "fingerprint": fingerprint}
@@ -411,10 +405,10 @@ def run(cfg: UpscaleConfig, ctx: UpscaleContext) -> UpscaleResult:
             )
         results.append(res)
         latent = res.latent
-        up.phase_artifacts("cleanup", latent)
+        decoded = up.phase_artifacts("cleanup", latent)
 
     with ctx.timer("final_decode"):
-        final = up.decode(latent)
+        final = decoded if decoded is not None else up.decode(latent)
     if needs_final_resize(target, tuple(final.shape[-2:])):
         ctx.record_fallback(
             "final resize", f"{tuple(final.shape[-2:])} -> {target} (lanczos) to hit the exact target"

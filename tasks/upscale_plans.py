@@ -87,7 +87,7 @@ def build_local_plan(
             )
             return LocalPlan(plan, start, None, plan.grid, [], [])
         tiles = grid_tiles(
-            height, width, tile=(tile_h, tile_w), overlap=min(overlap, tile_h // 2, tile_w // 2)
+            height, width, tile=(tile_h, tile_w), overlap=min(overlap, tile_h // 2, tile_w // 2) // 2 * 2
         )
         plan = TilePlan(tiles, method=tiling.method, height=height, width=width, rope=rope)
         return LocalPlan(plan, start, None, tiles, [], [])

@@ -151,7 +151,9 @@ def test_oom_shrinks_the_batch_and_is_reported():
     result = worker.velocity("j", x, sigma, None)
     assert result.oom_splits == [5, 3]
     with torch.no_grad():
-        torch.testing.assert_close(result.v, real(x, sigma, worker.conds["j"]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            torch.from_numpy(result.v), real(x, sigma, worker.conds["j"]), rtol=0, atol=1e-5
+        )
 
     def never(x, sigma, cond, rope=None):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")

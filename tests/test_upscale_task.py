@@ -206,3 +206,19 @@ def test_odd_input_is_cropped_and_recorded(model, tmp_path):
     result, ctx = upscale(model, base(str(path), tiling=TilingConfig(method="none")), tmp_path / "o")
     assert ctx.artifacts.fallbacks[0]["what"] == "input crop"
     assert result.image.shape == (1, 3, 80, 128)  # the 40 x 64 crop, x2
+
+
+@pytest.mark.parametrize(("height", "width"), [(6, 10), (12, 20), (32, 48), (2, 2)])
+def test_local_plans_of_small_latents_keep_whole_tokens(height, width):
+    """Refinement passes run on small latents: tiles and overlaps stay even (whole 2x2 tokens)."""
+    from core.models.backbone import RopeSpec
+    from tasks.upscale_plans import build_local_plan
+
+    for method in ("multidiffusion", "mixture", "spot"):
+        local = build_local_plan(
+            TilingConfig(method=method, tile=256, overlap=64), height=height, width=width, native_px=256,
+            scale=8, steps=10, denoise=0.5, seed=0, rope=RopeSpec(), image=None,
+            reference=torch.zeros(1, 4, height, width), sigmas=[1.0 - i / 10 for i in range(11)],
+        )  # fmt: skip
+        for t in local.tiles:
+            assert t.h % 2 == 0 and t.w % 2 == 0 and t.y0 % 2 == 0 and t.x0 % 2 == 0, (method, t)

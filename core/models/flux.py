@@ -165,7 +165,7 @@ def build_random_flux(
     from diffusers import FluxTransformer2DModel
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel(**config)
+        model = FluxTransformer2DModel(**config).to(dtype)  # allocate in the target dtype: 24 GB, not 48
     model = model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -176,7 +176,7 @@ def build_random_flux(
                 p.fill_(1.0)
             else:
                 p.zero_()
-    return model.to(dtype).eval().requires_grad_(False)
+    return model.eval().requires_grad_(False)
 
 
 def parameter_count(module: nn.Module) -> int:

@@ -111,7 +111,7 @@ def _random_kl_vae(device: torch.device, dtype: torch.dtype, seed: int) -> Vae:
     from core.models.vae import KLVae
 
     with torch.device("meta"):
-        vae = AutoencoderKL(**FLUX_VAE_CONFIG)
+        vae = AutoencoderKL(**FLUX_VAE_CONFIG).to(dtype)
     vae = vae.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -123,7 +123,7 @@ def _random_kl_vae(device: torch.device, dtype: torch.dtype, seed: int) -> Vae:
                 p.fill_(1.0)
             else:
                 p.zero_()
-    return KLVae(vae.to(dtype).eval().requires_grad_(False))
+    return KLVae(vae.eval().requires_grad_(False))
 
 
 def load_model(spec: ModelSpec, device: torch.device | str) -> LoadedModel:

@@ -116,7 +116,8 @@ def load_reference(
     directory = Path(directory) if directory else DEFAULT_REFERENCE_DIR
     if not (directory / "reference.json").is_file():
         raise FileNotFoundError(
-            f"no reference model at {directory} (expected reference.json, transformer/, conditioning.safetensors)"
+            f"no reference model at {directory} "
+            "(expected reference.json, transformer/, conditioning.safetensors)"
         )
     meta = ReferenceMeta(**json.loads((directory / "reference.json").read_text()))
     transformer = FluxTransformer2DModel.from_pretrained(str(directory / "transformer"), torch_dtype=dtype)
