@@ -222,3 +222,22 @@ def test_local_plans_of_small_latents_keep_whole_tokens(height, width):
         )  # fmt: skip
         for t in local.tiles:
             assert t.h % 2 == 0 and t.w % 2 == 0 and t.y0 % 2 == 0 and t.x0 % 2 == 0, (method, t)
+
+
+def test_inpaint_mask_keeps_the_outside_on_the_reference(model, photo, tmp_path):
+    """Mask (white = regenerate) resized with the phase: where it is black, every step is pinned to
+    the inversion trajectory, so the phase ends exactly on the resized input latent there."""
+    from core.resize import resize_image
+
+    mask = Image.new("L", (80, 64), 0)
+    mask.paste(255, (40, 0, 80, 64))  # regenerate the right half only
+    mask_path = tmp_path / "mask.png"
+    mask.save(mask_path)
+    cfg = base(photo, mask=str(mask_path), tiling=TilingConfig(method="none"))
+    result, ctx = upscale(model, cfg, tmp_path / "o")
+    pool = LocalModelPool(model)
+    source = ctx.read_image(photo)
+    u = pool.encode(resize_image(source, (128, 160), "bicubic"))
+    latent = result.phases[0].latent
+    assert torch.equal(latent[..., :, :8], u[..., :, :8])  # left half (latent columns 0-9; the edge blends)
+    assert (latent[..., :, 12:] - u[..., :, 12:]).abs().mean() > 1e-2  # right half regenerated

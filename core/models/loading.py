@@ -99,10 +99,10 @@ def _taef2_vae(device: torch.device, shift: float = 0.0, scale: float = 1.0) -> 
     return TinyVae(encoder.to(device).eval(), decoder.to(device).eval(), shift=shift, scale=scale)
 
 
-def _kl_vae(spec: ModelSpec, source: str, device: torch.device, dtype: torch.dtype) -> Vae:
-    from core.models.vae import KLVae, load_kl_vae
+def _kl_vae(source: str, device: torch.device, dtype: torch.dtype) -> Vae:
+    from core.models.vae import load_kl_vae
 
-    return KLVae(load_kl_vae(source, dtype=dtype, device=device))
+    return load_kl_vae(source, dtype=dtype, device=device)
 
 
 def _random_kl_vae(device: torch.device, dtype: torch.dtype, seed: int) -> Vae:
@@ -145,7 +145,7 @@ def load_model(spec: ModelSpec, device: torch.device | str) -> LoadedModel:
         vae = (
             _taef2_vae(device, meta.latent_shift, meta.latent_scale)
             if not spec.vae or spec.vae == "taef2"
-            else (_kl_vae(spec, spec.vae, device, dtype))
+            else (_kl_vae(spec.vae, device, dtype))
         )
         cpu_cond = Cond(cond.tokens.float().cpu(), cond.pooled.float().cpu(), None)
         return LoadedModel(backbone, vae, lambda: cpu_cond)
@@ -175,7 +175,7 @@ def load_model(spec: ModelSpec, device: torch.device | str) -> LoadedModel:
         elif spec.vae in ("", "random-kl"):
             vae = _random_kl_vae(device, dtype, spec.seed)
         else:
-            vae = _kl_vae(spec, spec.vae, device, dtype)
+            vae = _kl_vae(spec.vae, device, dtype)
         cfg = transformer.config
         n_text = 512 if spec.shape == "flux-dev" else 8  # Flux.1 runs 512 T5 tokens
         rand_cond = Cond(
@@ -194,7 +194,7 @@ def load_model(spec: ModelSpec, device: torch.device | str) -> LoadedModel:
             f"model.path {spec.path!r} is a single transformer file: set model.vae to the VAE's hub id, "
             "directory or file"
         )
-    vae = _taef2_vae(device) if vae_source == "taef2" else _kl_vae(spec, vae_source, device, dtype)
+    vae = _taef2_vae(device) if vae_source == "taef2" else _kl_vae(vae_source, device, dtype)
     guidance = spec.guidance if transformer.config.guidance_embeds else None
 
     def make_cond() -> Cond:
