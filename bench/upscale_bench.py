@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import environment, stats, write_result  # noqa: E402
 
 FLUX = {"kind": "random", "shape": "flux-dev"}
+QUIET = {"phase_images": False, "latent_stats": False, "compare_bicubic": False, "checkpoints": False}
 TINY = {"kind": "random", "shape": "tiny"}
 
 
@@ -135,12 +136,7 @@ def phase_fields(b: Bench, workers: int, image: str) -> dict:
         "tiling": {"method": "multidiffusion", "tile": b.px(1024), "overlap": b.px(256)},
         "vae_tiling": "on",
         "vae_tile": max(64, b.px(1024)),
-        "outputs": {
-            "phase_images": False,
-            "latent_stats": False,
-            "compare_bicubic": False,
-            "checkpoints": False,
-        },
+        "outputs": QUIET,
     }
 
 
@@ -243,12 +239,7 @@ def run_whole(b: Bench) -> dict:
         "tiling": {"method": "multidiffusion", "tile": b.px(1024), "overlap": b.px(256)},
         "vae_tiling": "on",
         "vae_tile": max(64, b.px(1024)),
-        "outputs": {
-            "phase_images": False,
-            "latent_stats": False,
-            "compare_bicubic": False,
-            "checkpoints": False,
-        },
+        "outputs": QUIET,
     }
     record = b.job("whole", fields, [])
     floor = b.floor(b.px(1024), b.max_batch(b.px(1024)))["per_view"]["median_s"]
@@ -334,12 +325,7 @@ def run_oom(b: Bench) -> dict:
         "coherence": {"dilated": False},
         "tiling": {"method": "multidiffusion", "tile": tile, "overlap": tile // 2},
         "vae_tiling": "off",
-        "outputs": {
-            "phase_images": False,
-            "latent_stats": False,
-            "compare_bicubic": False,
-            "checkpoints": False,
-        },
+        "outputs": QUIET,
     }
     record = b.job("oom", fields, [])
     return {

@@ -73,18 +73,18 @@ def build_local_plan(
         return LocalPlan(FullFramePlan(rope), start, None, [], [], [])
     tile, overlap = tile_geometry(tiling, native_px, scale)
     tile_h, tile_w = min(tile, height), min(tile, width)
+
+    def spot(tiles: list[Tile] | None) -> SpotPlan:
+        """SpotDiffusion's moving grid; given tiles (quadtree leaves) move by rolling the latent."""
+        wrap = tiling.spot_wrap or tiles is not None
+        return SpotPlan(
+            height, width, tile=(tile_h, tile_w), seed=derive_seed(seed, "spot"), mode=tiling.spot_mode,
+            wrap=wrap, tiles=tiles, rope=rope, steps=steps,
+        )  # fmt: skip
+
     if tiling.layout == "grid":
         if tiling.method == "spot":
-            plan = SpotPlan(
-                height,
-                width,
-                tile=(tile_h, tile_w),
-                seed=derive_seed(seed, "spot"),
-                mode=tiling.spot_mode,
-                wrap=tiling.spot_wrap,
-                rope=rope,
-                steps=steps,
-            )
+            plan = spot(None)
             return LocalPlan(plan, start, None, plan.grid, [], [])
         tiles = grid_tiles(
             height, width, tile=(tile_h, tile_w), overlap=min(overlap, tile_h // 2, tile_w // 2) // 2 * 2
@@ -111,18 +111,7 @@ def build_local_plan(
     tiles = list(qtiles)
     method = "multidiffusion" if tiling.method == "spot" else tiling.method
     if tiling.method == "spot":
-        plan = SpotPlan(
-            height,
-            width,
-            tile=(tile_h, tile_w),
-            seed=derive_seed(seed, "spot"),
-            mode=tiling.spot_mode,
-            wrap=True,
-            tiles=tiles,
-            rope=rope,
-            steps=steps,
-        )
-        return LocalPlan(plan, start, None, tiles, leaves, [])
+        return LocalPlan(spot(tiles), start, None, tiles, leaves, [])
     if not q.variable_denoise:
         plan = TilePlan(tiles, method=method, height=height, width=width, rope=rope)
         return LocalPlan(plan, start, None, tiles, leaves, [denoise] * len(tiles))

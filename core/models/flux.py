@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.dype import dype_axis
+from core.dype import dype_tables
 from core.models.backbone import Cond, RopeSpec
-from core.rope import base_frequencies, image_ids, rope_tables, text_ids
 
 ROPE_THETA = 10000.0
 
@@ -62,37 +61,47 @@ class FluxBackbone(nn.Module):
         self.native_size = native_size
         self.axes_dims: tuple[int, ...] = tuple(cfg.axes_dims_rope)
         self.has_guidance = bool(cfg.guidance_embeds)
+        self._plain_rope: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def rope(
         self, rows: int, cols: int, n_text: int, sigma: float, spec: RopeSpec | None, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) [n_text + rows*cols, head_dim] for text ids (zeros) followed by the image grid."""
-        ids = torch.cat([text_ids(n_text, device=device), image_ids(rows, cols, device=device)])
+        """(cos, sin) [n_text + rows*cols, head_dim]: text ids (zeros), then the image grid; DyPE
+        extends an axis longer than the native grid (core/dype.py), plain RoPE otherwise."""
+        return dype_tables(
+            rows,
+            cols,
+            axes_dims=self.axes_dims,
+            sigma=sigma,
+            spec=spec,
+            base_patches=self.native_size // self.patch_size,
+            theta=ROPE_THETA,
+            text_tokens=n_text,
+            device=device,
+        )
+
+    def rope_for(
+        self,
+        rows: int,
+        cols: int,
+        n_text: int,
+        sigma: torch.Tensor,
+        spec: RopeSpec | None,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables on `device`. Plain tables (no extension, or a grid within the native size) are
+        cached per grid, and sigma is read (a host sync) only for time-dependent DyPE."""
         native = self.native_size // self.patch_size
-        extend = spec is not None and spec.method != "none" and max(rows, cols) > native
-        freqs: list[torch.Tensor] = [base_frequencies(self.axes_dims[0], ROPE_THETA)]
-        mscales: list[float] = [1.0]
-        for dim, extent in ((self.axes_dims[1], rows), (self.axes_dims[2], cols)):
-            if extend:
-                f, m = dype_axis(
-                    dim,
-                    extent,
-                    sigma,
-                    method=spec.method,
-                    dynamic=spec.dynamic,
-                    exponent=spec.exponent,
-                    version=spec.version,
-                    base_patches=native,
-                    theta=ROPE_THETA,
-                )
-            else:
-                f, m = base_frequencies(dim, ROPE_THETA), 1.0
-            freqs.append(f)
-            mscales.append(m)
-        if extend:
-            # DyPE / YaRN scale the whole attention temperature by one factor: take the larger axis's.
-            mscales = [max(mscales)] * len(mscales)
-        return rope_tables(ids, freqs, mscales)
+        plain = spec is None or spec.method == "none" or max(rows, cols) <= native
+        if not plain:
+            t = float(sigma.reshape(-1)[0]) if spec.dynamic else None
+            return tuple(a.to(device) for a in self.rope(rows, cols, n_text, t, spec, device))  # type: ignore[return-value]
+        key = (rows, cols, n_text, str(device))
+        if key not in self._plain_rope:
+            self._plain_rope[key] = tuple(
+                a.to(device) for a in self.rope(rows, cols, n_text, None, None, device)
+            )
+        return self._plain_rope[key]  # type: ignore[return-value]
 
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, rope: RopeSpec | None = None
@@ -109,7 +118,7 @@ class FluxBackbone(nn.Module):
         txt = cond.tokens.to(device=device, dtype=dtype).expand(b, -1, -1)
         pooled = cond.pooled.to(device=device, dtype=dtype).expand(b, -1)
         rows, cols = h // 2, w // 2
-        cos, sin = self.rope(rows, cols, txt.shape[1], float(sigma.reshape(-1)[0]), rope, device)
+        cos, sin = self.rope_for(rows, cols, txt.shape[1], sigma, rope, device)
 
         hidden = t.x_embedder(tokens)
         timestep = sigma.to(device=device, dtype=hidden.dtype) * 1000
@@ -121,7 +130,7 @@ class FluxBackbone(nn.Module):
         else:
             temb = t.time_text_embed(timestep, pooled)
         encoder = t.context_embedder(txt)
-        rotary = (cos.to(device), sin.to(device))
+        rotary = (cos, sin)
         for block in t.transformer_blocks:
             encoder, hidden = block(
                 hidden_states=hidden, encoder_hidden_states=encoder, temb=temb, image_rotary_emb=rotary
