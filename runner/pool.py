@@ -86,7 +86,7 @@ def connect_pool(cfg: PoolConfig, spec: ModelSpec, *, worker_cls: type = ModelWo
                 max_concurrency=2,  # see runner/worker.py: transport overlaps the device work
             )
             handle = (
-                ray.remote(ModelWorker)
+                ray.remote(worker_cls)
                 .options(**options)
                 .remote(
                     i,
