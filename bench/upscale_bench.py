@@ -69,7 +69,7 @@ class Bench:
 
     def pool_fields(self, workers: int, **extra) -> dict:
         gpus = 1.0 if torch.cuda.is_available() else 0.5
-        return {"name": "bench", "workers": workers, "gpus_per_worker": gpus, "max_in_flight": 2, **extra}
+        return {"name": "bench", "workers": workers, "gpus_per_worker": gpus, "max_in_flight": 2} | extra
 
     def floor(self, shape_px: int, batch: int, reps: int = 5, warmup: int = 2) -> dict:
         import ray
@@ -101,6 +101,16 @@ class Bench:
         pool = connect_pool(PoolConfig(**self.pool_fields(1)), ModelSpec(**self.model))
         lat = shape_px // 8
         return ray.get(pool.workers[0].max_batch.remote((16 if not self.small else 32, lat, lat)))
+
+
+def release_pool(name: str, size: int = 8) -> None:
+    import ray
+
+    for i in range(size):
+        try:
+            ray.kill(ray.get_actor(f"{name}-{i}", namespace="tessera"))
+        except ValueError:
+            pass
 
 
 def run_floor(b: Bench) -> dict:
@@ -285,9 +295,14 @@ def run_oom(b: Bench) -> dict:
     from runner.pool import connect_pool, shutdown_pool
     from runner.ray_pool import RayModelPool
 
-    spec = ModelSpec(**b.model)
-    pool = connect_pool(PoolConfig(**b.pool_fields(1)), spec)
-    rp = RayModelPool(pool, PoolConfig(**b.pool_fields(1)), job="probe")
+    # The Flux.1-dev transformer on TAEF2 latents: the VAE's full-resolution activations (9.5 GiB for a
+    # 2048 px decode with Flux's AutoencoderKL, measured) would otherwise need more memory than any
+    # batch of views, and no cap could make a batch fail while the VAE still fits.
+    model = {**b.model, "vae": "taef2"}
+    spec = ModelSpec(**model)
+    release_pool("bench")  # free the GPUs the other measurements' workers hold
+    pool = connect_pool(PoolConfig(**b.pool_fields(1, name="oom-probe")), spec)
+    rp = RayModelPool(pool, PoolConfig(**b.pool_fields(1, name="oom-probe")), job="probe")
     rp.cond()
     w = pool.workers[0]
     tile = b.px(512)
@@ -315,7 +330,7 @@ def run_oom(b: Bench) -> dict:
             "max_batch": batch,
             "gpu_memory_fraction": round(fraction, 4),
         },
-        "model": b.model,
+        "model": model,
         "image": synthetic_image(b.tmp / "in_oom.png", out_px),
         "target": [out_px, out_px],
         "phases": 1,

@@ -46,7 +46,8 @@ class ModelSpec:
       "flux" (`path` = hub id, local diffusers directory or single .safetensors file), or
       "random" (random weights at `shape` "tiny" or "flux-dev"; compute equals the real model's).
     vae: "" = the kind's default (reference/tiny: TAEF2; flux: the pipeline's VAE; flux-dev random:
-      a random AutoencoderKL of Flux's shape); "taef2"; or a hub id / directory / file of an AutoencoderKL.
+      a random AutoencoderKL of Flux's shape); "taef2" (a flux-dev random transformer then takes
+      TAEF2's 32-channel latents); or a hub id / directory / file of an AutoencoderKL.
     dtype: "auto" = bfloat16 on CUDA, float32 on CPU.
     prompt / prompt_embeds: Flux conditioning (text through the pipeline's encoders, or a safetensors
       file with prompt_embeds and pooled_prompt_embeds); the reference model has learned tokens.
@@ -156,7 +157,9 @@ def load_model(spec: ModelSpec, device: torch.device | str) -> LoadedModel:
             config = tiny_flux_config(latent_channels)
             native = TINY_NATIVE_SIZE
         else:
-            config = FLUX_DEV_CONFIG
+            # Flux.1-dev compute on 16-channel latents (a random AutoencoderKL of Flux's shape), or on
+            # TAEF2's 32 channels with vae "taef2": the same transformer cost, a far lighter VAE.
+            config = {**FLUX_DEV_CONFIG, "in_channels": 128} if spec.vae == "taef2" else FLUX_DEV_CONFIG
             native = FLUX_NATIVE_SIZE
         if device.type == "cpu" and spec.shape == "tiny":
             # Tiny models build on the CPU with diffusers' own init under a forked, seeded RNG.
@@ -170,7 +173,7 @@ def load_model(spec: ModelSpec, device: torch.device | str) -> LoadedModel:
         else:
             transformer = build_random_flux(config, dtype=dtype, device=device, seed=spec.seed)
         backbone = FluxBackbone(transformer, native_size=native)
-        if spec.vae in ("", "taef2") and spec.shape == "tiny":
+        if spec.vae == "taef2" or (spec.vae == "" and spec.shape == "tiny"):
             vae = _taef2_vae(device)
         elif spec.vae in ("", "random-kl"):
             vae = _random_kl_vae(device, dtype, spec.seed)
