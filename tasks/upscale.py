@@ -33,7 +33,7 @@ from core.quadtree import leaves_to_json, quadtree_overlay
 from core.resize import covariance_upscale, resize_image, resize_latent, resize_mask
 from core.sampling import StepInfo, sample_euler
 from core.seeds import derive_seed, gaussian_noise
-from core.skip_residual import phase_strengths, reference_weights, rewind_ranges, stage_skip
+from core.skip_residual import linear_values, phase_strengths, reference_weights, rewind_ranges, stage_skip
 from core.tiling import Tile
 from core.views import FullFramePlan
 from tasks.context import UpscaleContext
@@ -161,11 +161,7 @@ class _Upscaler:
         if cfg.noise_mode == "flow_consistent":
             x = ref.at(sigmas[first])
         else:
-            renoise = (
-                cfg.renoise[0]
-                if phases == 1
-                else cfg.renoise[0] + (cfg.renoise[1] - cfg.renoise[0]) * index / (phases - 1)
-            )
+            renoise = linear_values(*cfg.renoise, phases)[index]
             x = noise_to(noise_to(u, eps, renoise), eps, sigmas[first])
         skip_on = cfg.skip and not cleanup and cfg.noise_mode == "flow_consistent"
         views_per_step: list[int] = []

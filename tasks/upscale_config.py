@@ -10,7 +10,7 @@ from pathlib import Path
 
 from core.models.backbone import RopeSpec
 from core.models.loading import ModelSpec
-from core.skip_residual import SkipResidual
+from core.skip_residual import SkipResidual, linear_values
 
 RESIZE_MODES = ("pixel", "latent", "covariance")
 RESIZE_METHODS = ("bicubic", "bilinear", "lanczos", "area", "nearest")
@@ -229,10 +229,7 @@ class UpscaleConfig:
             raise ValueError(f"vae_tile must be a multiple of 64 pixels >= 64, got {self.vae_tile}")
 
     def phase_denoise(self, phases: int) -> list[float]:
-        first, last = self.denoise[0], self.denoise[-1]
-        if phases == 1:
-            return [first]
-        return [first + (last - first) * i / (phases - 1) for i in range(phases)]
+        return linear_values(self.denoise[0], self.denoise[-1], phases)
 
 
 def check(cfg: UpscaleConfig) -> None:

@@ -13,7 +13,6 @@ submodule calls as diffusers 0.42 `FluxTransformer2DModel.forward` (tested for e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -188,10 +187,6 @@ def build_random_flux(
     return model.eval().requires_grad_(False)
 
 
-def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 FLUX_DEV_CONFIG: dict = dict(
     patch_size=1,
     in_channels=64,
@@ -221,11 +216,3 @@ def tiny_flux_config(latent_channels: int) -> dict:
         guidance_embeds=False,
         axes_dims_rope=(4, 4, 8),
     )
-
-
-def flux_config_fields(names: Sequence[str]) -> None:
-    """Raise if a config dict names a field FluxTransformer2DModel does not take (early, readable error)."""
-    allowed = set(FLUX_DEV_CONFIG) | {"out_channels"}
-    unknown = sorted(set(names) - allowed)
-    if unknown:
-        raise ValueError(f"unknown FluxTransformer2DModel config fields {unknown}; allowed {sorted(allowed)}")
