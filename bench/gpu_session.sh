@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session of GPU measurements on a 2-GPU host (nvidia-h200-x2), results under $OUT:
 #   issue 2: the tiny-model job on 1 and on 2 GPUs (job.json shows the workers used);
-#   issue 5: forward floor, P1 + P2 (the 2048 -> 4096 phase on 1 and 2 GPUs), the OOM fallback, P3.
+#   issue 5: forward floor, P1 + P2 (the 2048 -> 4096 phase on 1 and 2 GPUs), P3 (progressive and
+#   the direct 4096 px job), the OOM fallback last (it frees the benchmark pool's GPUs).
 # Needs the package bundle of ../shared/gpu in .gpu (make-bundle.sh) carried with the call.
 set -u
 export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
@@ -16,5 +17,5 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
     python3 -m runner run clusters/examples/tiny_tiled_img2img.yaml image=/tmp/in.png output=/tmp/tiny-w$n \
       pool.name=tiny$n pool.workers=$n pool.gpus_per_worker=1 tiling.tile=64 tiling.overlap=16 && cp /tmp/tiny-w$n/job.json "$OUT/tiny_job_w$n.json"
   done
-  python3 bench/upscale_bench.py floor phase oom whole --workers 1,2
+  python3 bench/upscale_bench.py floor phase whole direct oom --workers 1,2
 } 2>&1 | tee "$OUT/log.txt"

@@ -10,7 +10,9 @@ phase: a tiled 2048 -> 4096 px phase through the pool (20 steps, denoise 0.6, 10
        tiles): job time / (view evaluations x bare forward time), and where the rest goes. With
        several worker counts: speedup and efficiency (P2).
 whole: 1024 -> 2048 -> 4096 progressive (skip residual, dilated views, tiled VAE) against a direct
-       4096 px 28-step full-frame generation by the same transformer (P3).
+       4096 px 28-step full-frame generation by the same transformer (P3), extrapolated from timed
+       full-frame forwards.
+direct: that direct generation run as a real job: 28 full-frame steps from noise, then tiled decode.
 oom:   the out-of-memory fallback on purpose: a worker capped (memory fraction) below what its
        batches need, so batches split; the split is recorded in job.json.
 Results: bench/results/<name>.json (and $OUT/<name>.json on the device machine).
@@ -286,6 +288,45 @@ def run_whole(b: Bench) -> dict:
     }
 
 
+def run_direct(b: Bench) -> dict:
+    """P3's baseline as a real job: a direct 4096 px generation, 28 full-frame steps (one view per
+    step, DyPE past the native size) from pure noise (denoise 1.0), then the same tiled decode."""
+    fields = {
+        "pool": b.pool_fields(1),
+        "model": b.model,
+        "image": synthetic_image(b.tmp / "in4096.png", b.px(4096)),
+        "target": [b.px(4096), b.px(4096)],
+        "phases": 1,
+        "steps": 28,
+        "denoise": [1.0],
+        "skip": False,
+        "coherence": {"dilated": False},
+        "tiling": {"method": "none"},
+        "vae_tiling": "on",
+        "vae_tile": max(64, b.px(1024)),
+        "outputs": QUIET,
+    }
+    record = b.job("direct", fields, [])
+    t, pool = record["timings"], record["pool"]
+    job = t["total_s"] - t.get("pool_connect_s", 0.0)
+    return {
+        "bench": "direct_4096",
+        "env": b.env,
+        "model": b.model,
+        "config": {**fields, "image": "in4096.png"},
+        "views": pool["views"],
+        "views_per_step": record["records"]["views_per_step"],
+        "job_s": round(job, 3),
+        "denoise_s": t.get("denoise_s"),
+        "vae_encode_s": t.get("vae_encode_s"),
+        "vae_decode_s": t.get("vae_decode_s"),
+        "generation_s": round(job - (t.get("vae_encode_s") or 0.0), 3),
+        "note": "generation_s leaves out the input's encode, which a text-to-image run does not need",
+        "worker_memory": pool.get("worker_memory"),
+        "fallbacks": record["fallbacks"],
+    }
+
+
 def run_oom(b: Bench) -> dict:
     """Cap a worker's memory below what its batches need; the batches split and job.json says so."""
     import ray
@@ -364,7 +405,7 @@ def run_oom(b: Bench) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="+", choices=["floor", "phase", "whole", "oom"])
+    p.add_argument("what", nargs="+", choices=["floor", "phase", "whole", "direct", "oom"])
     p.add_argument("--workers", default="1", help="comma list of worker counts for `phase`")
     p.add_argument("--name", default="", help="result name for `phase` (default runner_overhead / scaling)")
     p.add_argument("--small", action="store_true", help="CPU smoke test: tiny model, sizes / 16")
@@ -386,6 +427,8 @@ def main() -> None:
             write_result(name + suffix, run_phase(b, workers))
         elif what == "whole":
             write_result("whole_job" + suffix, run_whole(b))
+        elif what == "direct":
+            write_result("direct_4096" + suffix, run_direct(b))
         elif what == "oom":
             write_result("oom_fallback" + suffix, run_oom(b))
     print(f"bench done in {time.perf_counter() - started:.1f} s", flush=True)

@@ -141,15 +141,40 @@ def _run_one(job: Job, stream, *, coords: dict | None = None) -> JobOutcome:
             record["timings"]["dispatch_overhead_s"] = pool_summary.get("dispatch_overhead_s")
         record["pool"] = pool_summary
         record["records"] = arts.records
-        record["fallbacks"] = arts.fallbacks + [
-            {"what": "oom batch split", "reason": str(s)} for s in pool_summary.get("oom_fallbacks", [])
-        ]
+        record["fallbacks"] = arts.fallbacks + pool_fallbacks(pool_summary)
         record["result"] = summarize(result)
         record["status"] = "failed" if error else "succeeded"
         arts.save_json("job.json", record)
         if tracker is not None:
             tracker.end()
     return JobOutcome(output, record, result)
+
+
+def pool_fallbacks(pool_summary: dict) -> list[dict]:
+    """The pool's designed fallbacks as job.json entries: batches split after running out of GPU
+    memory, and batches re-run on another worker after theirs died."""
+    out = []
+    for s in pool_summary.get("oom_fallbacks", []):
+        sizes = s["batch_sizes"]
+        out.append(
+            {
+                "what": "oom batch split",
+                "worker": s["worker"],
+                "batch_sizes": sizes,
+                "reason": f"worker {s['worker']}: batches of {sizes} views did not fit in GPU memory "
+                "and ran in halves",
+            }
+        )
+    for r in pool_summary.get("requeued_batches", []):
+        out.append(
+            {
+                "what": "batch requeued",
+                "worker": r["worker"],
+                "batch": r["batch"],
+                "reason": f"worker {r['worker']} was lost ({r['error']}); batch {r['batch']} ran on another",
+            }
+        )
+    return out
 
 
 def _run_pool_task(job: Job, arts: JobArtifacts) -> tuple[Any, dict]:

@@ -193,19 +193,22 @@ class ModelWorker:
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not _is_oom(err):
                 raise
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            b = x.shape[0]
-            if b == 1:
-                raise ViewTooLargeError(
-                    f"worker {self.index}: one view of shape {tuple(x.shape[1:])} does not fit in GPU "
-                    "memory; use smaller tiles"
-                ) from err
-            splits.append(b)
-            half = b // 2
-            first = self._forward(cond, x[:half], sigma[:half], rope, splits)
-            second = self._forward(cond, x[half:], sigma[half:], rope, splits)
-            return torch.cat([first, second])
+            reason = str(err).splitlines()[0]
+        # Split outside the except block: the exception's traceback holds the failed forward's frames
+        # and with them its activations, so halves run inside it would run out of memory too.
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        b = x.shape[0]
+        if b == 1:
+            raise ViewTooLargeError(
+                f"worker {self.index}: one view of shape {tuple(x.shape[1:])} does not fit in GPU "
+                f"memory ({reason}); use smaller tiles"
+            )
+        splits.append(b)
+        half = b // 2
+        first = self._forward(cond, x[:half], sigma[:half], rope, splits)
+        second = self._forward(cond, x[half:], sigma[half:], rope, splits)
+        return torch.cat([first, second])
 
     def memory(self) -> dict:
         """Peak and current GPU memory of this worker, in GiB (empty on a CPU)."""

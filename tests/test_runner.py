@@ -161,3 +161,51 @@ def test_oom_shrinks_the_batch_and_is_reported():
     worker.model.backbone.velocity = never
     with pytest.raises(ViewTooLargeError, match=r"shape \(32, 8, 8\) does not fit"):
         worker.velocity("j", x[:1], sigma[:1], None)
+
+
+def test_oom_split_frees_the_failed_forward_first():
+    """The halves must not run while the failed forward's activations are still referenced (through
+    the exception's traceback): on a GPU they would run out of memory as well (seen on an H200)."""
+    import weakref
+
+    from core.models.loading import load_model
+    from runner.worker import ModelWorker
+
+    worker = ModelWorker(0)
+    worker.spec, worker.model = TINY, load_model(TINY, "cpu")
+    real = worker.model.backbone.velocity
+    failed: list[weakref.ref] = []
+    alive_during_halves: list[bool] = []
+
+    def limited(x, sigma, cond, rope=None):
+        if x.shape[0] > 2:
+            activation = torch.empty(x.shape[0], 1024)  # what a real forward holds when it fails
+            failed.append(weakref.ref(activation))
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        alive_during_halves.extend(ref() is not None for ref in failed)
+        return real(x, sigma, cond, rope)
+
+    worker.model.backbone.velocity = limited
+    worker.set_cond("j", worker.make_cond())
+    result = worker.velocity("j", torch.randn(4, 32, 8, 8), torch.full((4,), 0.5), None)
+    assert result.oom_splits == [4]
+    assert failed and alive_during_halves == [False, False]
+
+
+def test_pool_fallbacks_reach_job_json_readably():
+    from runner.run import pool_fallbacks
+
+    summary = {
+        "oom_fallbacks": [{"worker": 0, "batch_sizes": [49]}],
+        "requeued_batches": [{"batch": 3, "worker": 1, "error": "ActorDiedError"}],
+    }
+    oom, requeued = pool_fallbacks(summary)
+    assert oom == {
+        "what": "oom batch split",
+        "worker": 0,
+        "batch_sizes": [49],
+        "reason": "worker 0: batches of [49] views did not fit in GPU memory and ran in halves",
+    }
+    assert requeued["what"] == "batch requeued" and requeued["batch"] == 3
+    assert "worker 1 was lost (ActorDiedError)" in requeued["reason"]
+    assert pool_fallbacks({}) == []
