@@ -69,6 +69,19 @@ class Bench:
         outcome = run_job(path, overrides)[-1]
         return outcome.record
 
+    def job_4096(self, image: str, workers: int = 1, **fields) -> dict:
+        """A 4096 px job on the benchmark model: what every P1-P3 job shares, plus `fields`."""
+        return {
+            "pool": self.pool_fields(workers),
+            "model": self.model,
+            "image": image,
+            "target": [self.px(4096), self.px(4096)],
+            "vae_tiling": "on",
+            "vae_tile": max(64, self.px(1024)),
+            "outputs": QUIET,
+            **fields,
+        }
+
     def pool_fields(self, workers: int, **extra) -> dict:
         gpus = 1.0 if torch.cuda.is_available() else 0.5
         return {"name": "bench", "workers": workers, "gpus_per_worker": gpus, "max_in_flight": 2} | extra
@@ -135,21 +148,16 @@ def run_floor(b: Bench) -> dict:
 
 
 def phase_fields(b: Bench, workers: int, image: str) -> dict:
-    return {
-        "pool": b.pool_fields(workers),
-        "model": b.model,
-        "image": image,
-        "target": [b.px(4096), b.px(4096)],
-        "phases": 1,
-        "steps": 20,
-        "denoise": [0.6],
-        "skip": True,
-        "coherence": {"dilated": False},
-        "tiling": {"method": "multidiffusion", "tile": b.px(1024), "overlap": b.px(256)},
-        "vae_tiling": "on",
-        "vae_tile": max(64, b.px(1024)),
-        "outputs": QUIET,
-    }
+    return b.job_4096(
+        image,
+        workers,
+        phases=1,
+        steps=20,
+        denoise=[0.6],
+        skip=True,
+        coherence={"dilated": False},
+        tiling={"method": "multidiffusion", "tile": b.px(1024), "overlap": b.px(256)},
+    )
 
 
 def breakdown(record: dict, floor_s: float) -> dict:
@@ -239,20 +247,14 @@ def run_whole(b: Bench) -> dict:
     from runner.ray_pool import RayModelPool
 
     image = synthetic_image(b.tmp / "in1024.png", b.px(1024))
-    fields = {
-        "pool": b.pool_fields(1),
-        "model": b.model,
-        "image": image,
-        "target": [b.px(4096), b.px(4096)],
-        "steps": 20,
-        "denoise": [0.6, 0.4],
-        "skip": True,
-        "coherence": {"dilated": True},
-        "tiling": {"method": "multidiffusion", "tile": b.px(1024), "overlap": b.px(256)},
-        "vae_tiling": "on",
-        "vae_tile": max(64, b.px(1024)),
-        "outputs": QUIET,
-    }
+    fields = b.job_4096(
+        image,
+        steps=20,
+        denoise=[0.6, 0.4],
+        skip=True,
+        coherence={"dilated": True},
+        tiling={"method": "multidiffusion", "tile": b.px(1024), "overlap": b.px(256)},
+    )
     record = b.job("whole", fields, [])
     floor = b.floor(b.px(1024), b.max_batch(b.px(1024)))["per_view"]["median_s"]
     # The direct generation: 28 full-frame forwards at 4096 px (one view per step), timed over a few.
@@ -291,21 +293,15 @@ def run_whole(b: Bench) -> dict:
 def run_direct(b: Bench) -> dict:
     """P3's baseline as a real job: a direct 4096 px generation, 28 full-frame steps (one view per
     step, DyPE past the native size) from pure noise (denoise 1.0), then the same tiled decode."""
-    fields = {
-        "pool": b.pool_fields(1),
-        "model": b.model,
-        "image": synthetic_image(b.tmp / "in4096.png", b.px(4096)),
-        "target": [b.px(4096), b.px(4096)],
-        "phases": 1,
-        "steps": 28,
-        "denoise": [1.0],
-        "skip": False,
-        "coherence": {"dilated": False},
-        "tiling": {"method": "none"},
-        "vae_tiling": "on",
-        "vae_tile": max(64, b.px(1024)),
-        "outputs": QUIET,
-    }
+    fields = b.job_4096(
+        synthetic_image(b.tmp / "in4096.png", b.px(4096)),
+        phases=1,
+        steps=28,
+        denoise=[1.0],
+        skip=False,
+        coherence={"dilated": False},
+        tiling={"method": "none"},
+    )
     record = b.job("direct", fields, [])
     t, pool = record["timings"], record["pool"]
     job = t["total_s"] - t.get("pool_connect_s", 0.0)
