@@ -5,32 +5,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from runner.timing import stats  # noqa: F401  (the benchmarks' timing statistics)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def stats(times: list[float]) -> dict[str, float]:
-    """Median and spread of repeated timings (seconds)."""
-    ordered = sorted(times)
-    q1, q3 = (
-        (statistics.quantiles(ordered, n=4)[0], statistics.quantiles(ordered, n=4)[2])
-        if len(ordered) > 1
-        else (
-            ordered[0],
-            ordered[0],
-        )
-    )
-    return {
-        "median_s": round(statistics.median(ordered), 5),
-        "min_s": round(ordered[0], 5),
-        "max_s": round(ordered[-1], 5),
-        "iqr_s": round(q3 - q1, 5),
-        "n": len(ordered),
-    }
 
 
 def environment() -> dict[str, Any]:

@@ -186,6 +186,7 @@ def breakdown(record: dict, floor_s: float) -> dict:
             "pool_connect_s": t.get("pool_connect_s"),
         },
         "views_per_step": record["records"]["views_per_step"],
+        "step_wall_s_by_views": pool.get("evaluate_call_s_by_views"),
         "worker_busy_s": pool["worker_busy_s"],
         "worker_memory": pool.get("worker_memory"),
         "worker_info": [
@@ -312,6 +313,7 @@ def run_direct(b: Bench) -> dict:
         "config": {**fields, "image": "in4096.png"},
         "views": pool["views"],
         "views_per_step": record["records"]["views_per_step"],
+        "step_wall_s_by_views": pool.get("evaluate_call_s_by_views"),
         "job_s": round(job, 3),
         "denoise_s": t.get("denoise_s"),
         "vae_encode_s": t.get("vae_encode_s"),

@@ -22,6 +22,7 @@ import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
 from core.views import ViewInput, plan_batches, stack_batch
+from runner.timing import stats
 from runner.worker import BatchResult
 
 
@@ -41,6 +42,7 @@ class DispatchStats:
     oom_splits: list[dict] = field(default_factory=list)
     requeued: list[dict] = field(default_factory=list)
     batch_sizes: dict[str, int] = field(default_factory=dict)
+    call_s: dict[int, list[float]] = field(default_factory=dict)  # wall time per call, by its view count
 
     def summary(self) -> dict:
         return {
@@ -52,6 +54,8 @@ class DispatchStats:
             "dispatch_overhead_s": round(self.wall_s - self.critical_s, 4),
             "worker_busy_s": {str(k): round(v, 4) for k, v in sorted(self.busy_s.items())},
             "batch_size_by_shape": self.batch_sizes,
+            # one call is one sampler step's views: median and spread of the step times, by view count
+            "evaluate_call_s_by_views": {str(n): stats(t) for n, t in sorted(self.call_s.items())},
         }
 
 
@@ -125,6 +129,8 @@ class Dispatcher:
         self.stats.calls += 1
         self.stats.views += len(views)
         self.stats.batches += len(batches)
-        self.stats.wall_s += time.perf_counter() - start
+        wall = time.perf_counter() - start
+        self.stats.wall_s += wall
+        self.stats.call_s.setdefault(len(views), []).append(wall)
         self.stats.critical_s += max(busy)
         return out  # type: ignore[return-value]

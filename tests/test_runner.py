@@ -68,6 +68,7 @@ def test_results_do_not_depend_on_worker_count_or_batch_size(pool3):
             finally:
                 rp.close()
             assert summary["views"] == 11
+            assert summary["evaluate_call_s_by_views"]["11"]["n"] == 1  # one call of 11 views
             if n == 3:
                 assert len(summary["worker_busy_s"]) == 3  # every worker got work
     ref = outs[(1, 1)]
@@ -209,3 +210,12 @@ def test_pool_fallbacks_reach_job_json_readably():
     assert requeued["what"] == "batch requeued" and requeued["batch"] == 3
     assert "worker 1 was lost (ActorDiedError)" in requeued["reason"]
     assert pool_fallbacks({}) == []
+
+
+def test_timing_stats_golden():
+    from runner.timing import stats
+
+    assert stats([4.0, 1.0, 3.0, 2.0]) == {"median_s": 2.5, "min_s": 1.0, "max_s": 4.0, "iqr_s": 2.5, "n": 4}
+    assert stats([0.2]) == {"median_s": 0.2, "min_s": 0.2, "max_s": 0.2, "iqr_s": 0.0, "n": 1}
+    with pytest.raises(ValueError, match="at least one timing"):
+        stats([])
