@@ -21,11 +21,13 @@ Results: bench/results/<name>.json (and $OUT/<name>.json on the device machine).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,7 +106,24 @@ class Bench:
         )
         rp.close()
         per_view = [t / batch for t in out.pop("times_s")]
-        return {"px": shape_px, "batch": batch, "per_view": stats(per_view), **out}
+        return {"px": shape_px, "batch": batch, "per_view": stats(per_view), "per_view_s": per_view, **out}
+
+    def floor_around(self, run: Callable[[], dict]) -> tuple[dict, dict]:
+        """(run's record, floor): the bare 1024 px forward timed just before and just after `run`, so
+        the floor sees the GPU both as it starts the job and as the job leaves it (clocks, heat)."""
+        px = self.px(1024)
+        batch = self.max_batch(px)
+        before = self.floor(px, batch, reps=10)
+        record = run()
+        after = self.floor(px, batch, reps=10)
+        both = stats(before["per_view_s"] + after["per_view_s"])
+        return record, {
+            "median_s": both["median_s"],
+            "all": both,
+            "before": before["per_view"],
+            "after": after["per_view"],
+            "batch": batch,
+        }
 
     def max_batch(self, shape_px: int) -> int:
         import ray
@@ -176,8 +195,14 @@ def breakdown(record: dict, floor_s: float) -> dict:
         "denoise_s": round(denoise, 3),
         "denoise_over_floor": round(denoise / ideal, 4),
         "runner_overhead_pct": round(100 * (denoise - ideal) / ideal, 2),
+        # the same against the forwards as the job ran them (one worker: its device clock's sum)
+        "overhead_vs_in_job_forwards_pct": round(
+            100 * (denoise - pool.get("forward_s", 0.0)) / max(pool.get("forward_s", 0.0), 1e-9), 2
+        ),
+        "in_job_forward_s": pool.get("forward_s"),
         "where": {
-            "worker_compute_above_floor_s": round(pool["model_s"] - ideal, 3),
+            "in_job_forwards_above_floor_s": round(pool.get("forward_s", 0.0) - ideal, 3),
+            "worker_transfers_s": round(pool["model_s"] - pool.get("forward_s", 0.0), 3),
             "dispatch_s": pool["dispatch_overhead_s"],
             "plans_blending_mixing_s": round(denoise - evaluate, 3),
             "vae_encode_s": t.get("vae_encode_s"),
@@ -199,11 +224,11 @@ def breakdown(record: dict, floor_s: float) -> dict:
 
 def run_phase(b: Bench, workers: list[int]) -> dict:
     image = synthetic_image(b.tmp / "in2048.png", b.px(2048))
-    floor = b.floor(b.px(1024), b.max_batch(b.px(1024)))["per_view"]["median_s"]
     runs = []
-    for n in workers:
-        record = b.job(f"phase-w{n}", phase_fields(b, n, image), [])
-        runs.append({"workers": n, **breakdown(record, floor)})
+    for i, n in enumerate(workers):
+        job = functools.partial(b.job, f"phase-{i}-w{n}", phase_fields(b, n, image), [])
+        record, floor = b.floor_around(job)
+        runs.append({"workers": n, "floor": floor, **breakdown(record, floor["median_s"])})
         print(
             f"phase workers={n}: job {runs[-1]['job_s']} s, denoise {runs[-1]['denoise_s']} s, "
             f"overhead {runs[-1]['runner_overhead_pct']} %",
@@ -256,8 +281,8 @@ def run_whole(b: Bench) -> dict:
         coherence={"dilated": True},
         tiling={"method": "multidiffusion", "tile": b.px(1024), "overlap": b.px(256)},
     )
-    record = b.job("whole", fields, [])
-    floor = b.floor(b.px(1024), b.max_batch(b.px(1024)))["per_view"]["median_s"]
+    record, floor_info = b.floor_around(lambda: b.job("whole", fields, []))
+    floor = floor_info["median_s"]
     # The direct generation: 28 full-frame forwards at 4096 px (one view per step), timed over a few.
     pool = connect_pool(PoolConfig(**b.pool_fields(1)), ModelSpec(**b.model))
     rp = RayModelPool(pool, PoolConfig(**b.pool_fields(1)), job="direct")
@@ -276,7 +301,7 @@ def run_whole(b: Bench) -> dict:
         "env": b.env,
         "model": b.model,
         "config": {**fields, "image": "in1024.png"},
-        "progressive": breakdown(record, floor),
+        "progressive": {"floor": floor_info, **breakdown(record, floor)},
         "direct_4096": {
             "full_frame_forward": step,
             "peak_allocated_gib": full.get("peak_allocated_gib"),

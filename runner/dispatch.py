@@ -35,6 +35,7 @@ class DispatchStats:
     batches: int = 0
     wall_s: float = 0.0
     model_s: float = 0.0
+    forward_s: float = 0.0  # of model_s, the forwards alone on the device's clock (the rest: transfers)
     critical_s: float = (
         0.0  # per call, the busiest worker's compute time: the floor for that call's wall time
     )
@@ -51,6 +52,7 @@ class DispatchStats:
             "batches": self.batches,
             "evaluate_wall_s": round(self.wall_s, 4),
             "model_s": round(self.model_s, 4),
+            "forward_s": round(self.forward_s, 4),
             "dispatch_overhead_s": round(self.wall_s - self.critical_s, 4),
             "worker_busy_s": {str(k): round(v, 4) for k, v in sorted(self.busy_s.items())},
             "batch_size_by_shape": self.batch_sizes,
@@ -123,6 +125,7 @@ class Dispatcher:
                     out[i] = v[j]
                 busy[w] += result.compute_s
                 self.stats.model_s += result.compute_s
+                self.stats.forward_s += result.forward_s
                 self.stats.busy_s[w] = self.stats.busy_s.get(w, 0.0) + result.compute_s
                 if result.oom_splits:
                     self.stats.oom_splits.append({"worker": w, "batch_sizes": result.oom_splits})

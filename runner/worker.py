@@ -43,8 +43,9 @@ class BatchResult:
     """Velocities for one batch plus what the worker observed doing it."""
 
     v: np.ndarray  # [B, C, h, w] float32
-    compute_s: float
+    compute_s: float  # wall time holding the device: transfers in and out plus the forwards
     worker: int
+    forward_s: float  # the forwards alone, on the device's clock (CUDA events; = compute_s on a CPU)
     oom_splits: list[int] = field(default_factory=list)  # batch sizes that ran out of memory and were split
 
 
@@ -176,12 +177,19 @@ class ModelWorker:
             raise RuntimeError(f"worker {self.index}: no conditioning for job {job}; call set_cond first")
         x, sigma = as_tensor(x), as_tensor(sigma)
         splits: list[int] = []
+        cuda = self.device.type == "cuda"
         with self.device_lock:
             start = time.perf_counter()
+            if cuda:
+                began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                began.record()
             v = self._forward(self.conds[job], x, sigma, rope, splits)
+            if cuda:
+                ended.record()
             v = v.float().cpu()  # synchronises the device
             compute = time.perf_counter() - start
-        return BatchResult(v.numpy(), compute, self.index, splits)
+        forward = began.elapsed_time(ended) / 1000 if cuda else compute
+        return BatchResult(v.numpy(), compute, self.index, forward, splits)
 
     def _forward(
         self, cond: Cond, x: torch.Tensor, sigma: torch.Tensor, rope: RopeSpec | None, splits: list[int]
