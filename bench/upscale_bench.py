@@ -88,7 +88,7 @@ class Bench:
         gpus = 1.0 if torch.cuda.is_available() else 0.5
         return {"name": "bench", "workers": workers, "gpus_per_worker": gpus, "max_in_flight": 2} | extra
 
-    def floor(self, shape_px: int, batch: int, reps: int = 5, warmup: int = 2) -> dict:
+    def floor(self, shape_px: int, batch: int, reps: int = 5, warmup: int = 2, pause_s: float = 0.0) -> dict:
         import ray
 
         from core.models.loading import ModelSpec
@@ -102,7 +102,9 @@ class Bench:
         lat = shape_px // 8
         c = rp.latent_channels
         out = ray.get(
-            pool.workers[0].time_forward.remote("floor", (c, lat, lat), batch, warmup=warmup, reps=reps)
+            pool.workers[0].time_forward.remote(
+                "floor", (c, lat, lat), batch, warmup=warmup, reps=reps, pause_s=pause_s
+            )
         )
         rp.close()
         per_view = [t / batch for t in out.pop("times_s")]
@@ -116,12 +118,15 @@ class Bench:
         before = self.floor(px, batch, reps=10)
         record = run()
         after = self.floor(px, batch, reps=10)
+        # the same forwards with the device idle 60 ms before each, as at a tiled step's barrier
+        paused = self.floor(px, batch, reps=10, pause_s=0.06)
         both = stats(before["per_view_s"] + after["per_view_s"])
         return record, {
             "median_s": both["median_s"],
             "all": both,
             "before": before["per_view"],
             "after": after["per_view"],
+            "after_60ms_idle_each": paused["per_view"],
             "batch": batch,
         }
 

@@ -236,10 +236,18 @@ class ModelWorker:
 
     @exclusive
     def time_forward(
-        self, job: str, shape: Sequence[int], batch: int, *, warmup: int = 2, reps: int = 5
+        self,
+        job: str,
+        shape: Sequence[int],
+        batch: int,
+        *,
+        warmup: int = 2,
+        reps: int = 5,
+        pause_s: float = 0.0,
     ) -> dict:
         """Bare forward times of `batch` views of `shape` [C, h, w] on this worker (benchmarks' floor):
-        seconds per forward, synchronised, plus the peak memory of those forwards."""
+        seconds per forward, synchronised, plus the peak memory of those forwards. pause_s idles the
+        device before each forward, as a tiled job's step barrier does."""
         cond = self.conds[job]
         backbone = self._loaded().backbone
         gen = torch.Generator().manual_seed(0)
@@ -251,6 +259,8 @@ class ModelWorker:
             for i in range(warmup + reps):
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
+                if pause_s > 0:
+                    time.sleep(pause_s)
                 start = time.perf_counter()
                 backbone.velocity(x, sigma, cond, None)
                 if self.device.type == "cuda":
