@@ -22,7 +22,7 @@ from runner.artifacts import write_json
 from runner.config import Job, JobConfigError, load_job
 from runner.context import JobArtifacts, JobContext
 from runner.device_task import summarize
-from runner.driver_memory import keep_freed_memory
+from runner.driver_process import keep_freed_memory, limit_driver_threads
 from runner.ray_init import init_ray
 from runner.sweep import expand, folder_name, override
 from runner.tracking import Tracker
@@ -117,6 +117,7 @@ def _run_one(job: Job, stream, *, coords: dict | None = None) -> JobOutcome:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     result, pool_summary, error = None, {}, None
+    record["driver_threads"] = limit_driver_threads()
     record["driver_malloc"] = keep_freed_memory()
     if not record["driver_malloc"]["applied"]:
         arts.record_fallback("driver malloc defaults", record["driver_malloc"]["reason"])

@@ -11,7 +11,7 @@ STEP = """
 import resource, sys, torch
 torch.set_num_threads(1)
 if sys.argv[1] == "tuned":
-    from runner.driver_memory import keep_freed_memory
+    from runner.driver_process import keep_freed_memory
     if not keep_freed_memory()["applied"]:
         print("nan")  # not glibc: nothing to measure
         sys.exit(0)
@@ -44,3 +44,14 @@ def test_tuned_driver_refaults_far_fewer_pages_per_step():
         pytest.skip("this C library has no glibc mallopt")
     assert default > 2000  # ~18 MB of pages faulted in again every step
     assert tuned < default / 3
+
+
+def test_driver_threads_are_capped():
+    code = (
+        "import torch; torch.set_num_threads(16)\n"
+        "from runner.driver_process import DRIVER_THREADS, limit_driver_threads\n"
+        "r = limit_driver_threads(); print(r['torch_threads'], r['default'], torch.get_num_threads(), DRIVER_THREADS)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    threads, default, now, cap = map(int, out.stdout.split())
+    assert (threads, default, now) == (cap, 16, cap)
