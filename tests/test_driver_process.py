@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 
@@ -33,16 +34,22 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 
 
 def faults_per_step(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", STEP, mode], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip())
+    """Median over three fresh processes: glibc's dynamic threshold makes one run's count vary."""
+    runs = [
+        subprocess.run([sys.executable, "-c", STEP, mode], capture_output=True, text=True, check=True)
+        for _ in range(3)
+    ]
+    return statistics.median(float(r.stdout.strip()) for r in runs)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings are Linux-only")
 def test_tuned_driver_refaults_far_fewer_pages_per_step():
-    default, tuned = faults_per_step("default"), faults_per_step("tuned")
+    tuned = faults_per_step("tuned")
     if tuned != tuned:
         pytest.skip("this C library has no glibc mallopt")
-    assert default > 2000  # ~18 MB of pages faulted in again every step
+    default = faults_per_step("default")
+    # seen here: default 1,500-4,700 faults a step (6-18 MB of pages), tuned 0-820
+    assert default > 1000
     assert tuned < default / 3
 
 
@@ -50,7 +57,8 @@ def test_driver_threads_are_capped():
     code = (
         "import torch; torch.set_num_threads(16)\n"
         "from runner.driver_process import DRIVER_THREADS, limit_driver_threads\n"
-        "r = limit_driver_threads(); print(r['torch_threads'], r['default'], torch.get_num_threads(), DRIVER_THREADS)"
+        "r = limit_driver_threads()\n"
+        "print(r['torch_threads'], r['default'], torch.get_num_threads(), DRIVER_THREADS)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     threads, default, now, cap = map(int, out.stdout.split())
