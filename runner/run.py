@@ -74,8 +74,10 @@ def run_job(
 ) -> list[JobOutcome]:
     """Run a job file (every job of its sweep, in order, on one shared pool); returns the outcomes."""
     job = load_job(path, list(overrides))
+    # once per process, before any work: the driver's fusion and mixing sit on every step's barrier
+    driver = {"driver_threads": limit_driver_threads(), "driver_malloc": keep_freed_memory()}
     if not job.runner.sweep:
-        return [_run_one(job, stream)]
+        return [_run_one(job, stream, driver)]
     combos = expand(job.runner.sweep, Path(path).resolve().parent)
     jobs = []
     for i, coords in enumerate(combos):  # validate every combination before any work starts
@@ -84,7 +86,7 @@ def run_job(
         jobs.append((load_job(path, sub), coords))
     outcomes = []
     for sub_job, coords in jobs:
-        outcome = _run_one(sub_job, stream, coords=coords)
+        outcome = _run_one(sub_job, stream, driver, coords=coords)
         outcomes.append(outcome)
     write_json(
         Path(job.runner.output) / "sweep.json",
@@ -96,7 +98,7 @@ def run_job(
     return outcomes
 
 
-def _run_one(job: Job, stream, *, coords: dict | None = None) -> JobOutcome:
+def _run_one(job: Job, stream, driver: dict, *, coords: dict | None = None) -> JobOutcome:
     start = time.perf_counter()
     check_job(job)
     output = Path(job.runner.output)
@@ -117,10 +119,9 @@ def _run_one(job: Job, stream, *, coords: dict | None = None) -> JobOutcome:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     result, pool_summary, error = None, {}, None
-    record["driver_threads"] = limit_driver_threads()
-    record["driver_malloc"] = keep_freed_memory()
-    if not record["driver_malloc"]["applied"]:
-        arts.record_fallback("driver malloc defaults", record["driver_malloc"]["reason"])
+    record.update(driver)
+    if not driver["driver_malloc"]["applied"]:
+        arts.record_fallback("driver malloc defaults", driver["driver_malloc"]["reason"])
     try:
         record["ray"] = init_ray()
         if pool_task:

@@ -78,6 +78,8 @@ def test_run_writes_the_artifacts(ray_cluster, small_image, tmp_path):
     assert record["pool"]["workers"][0]["gpu_ids"]  # a fake GPU was reserved for the worker
     # 16 x 24 latent, 8-pixel tiles with overlap 2 (stride 6): 3 rows x 4 columns, 4 steps at denoise 0.5
     assert record["records"]["views_per_step"]["phase1"] == [12] * 4
+    assert record["pool"]["evaluate_call_s_by_views"]["12"]["n"] == 4  # one evaluate call per step
+    assert record["driver_threads"]["torch_threads"] <= 8 and "applied" in record["driver_malloc"]
     assert "[phase1] 4/4" in proc.stdout
     assert Image.open(out / "result.png").size == (192, 128)
 
