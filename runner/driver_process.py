@@ -13,9 +13,9 @@ skip-residual blend, re-noised reference, Euler update), 16 MB each for a 4096 p
 glibc's defaults serve blocks that size with mmap and unmap them on free (or trim them off the heap
 top), so each step faults the same pages in again: 4,698 minor faults a step in a synthetic step of
 five such temporaries, 819 with the thresholds here (tests/test_driver_process.py); the driver's
-share of a 2048 -> 4096 px phase with a free model fell from 0.457 s to 0.392 s (medians of 5 runs,
-2-core CPU). The cost is a driver whose resident memory stays at its high-water mark (up to
-`TRIM_KEEP` of free heap is kept). mallopt is process-wide and idempotent.
+share of a 2048 -> 4096 px phase with a free model fell from 0.325 s to 0.286 s (medians of 5 runs,
+2-core CPU, `python bench/driver_step.py`). The cost is a driver whose resident memory stays at its
+high-water mark (up to `TRIM_KEEP` of free heap is kept). mallopt is process-wide and idempotent.
 """
 
 from __future__ import annotations
