@@ -1,6 +1,6 @@
 """Ray's per-call cost at a step barrier: 25 calls of a 1 MiB view each, 0.17 s of simulated device
 time per call, at most 2 in flight; one call at a time vs two concurrent calls sharing a device lock
-(runner/worker.py), with torch tensors vs numpy arrays in transit. Prints the idle seconds per step.
+(runner/pool/worker.py), with torch tensors vs numpy arrays in transit. Prints the idle seconds per step.
 
     python bench/dispatch_probe.py
 """

@@ -26,7 +26,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, write_result  # noqa: E402
-from runner.worker import ModelWorker  # noqa: E402
+from runner.pool.worker import ModelWorker  # noqa: E402
 
 
 class SimulatedDeviceWorker(ModelWorker):
@@ -54,7 +54,7 @@ def main() -> None:
 
     from core.models.loading import ModelSpec
     from runner.config import PoolConfig
-    from runner.pool import connect_pool, shutdown_pool
+    from runner.pool.pool import connect_pool, shutdown_pool
     from runner.ray_init import REPO_ROOT
     from runner.run import run_job
 

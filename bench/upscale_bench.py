@@ -93,8 +93,8 @@ class Bench:
 
         from core.models.loading import ModelSpec
         from runner.config import PoolConfig
-        from runner.pool import connect_pool
-        from runner.ray_pool import RayModelPool
+        from runner.pool.pool import connect_pool
+        from runner.pool.ray_pool import RayModelPool
 
         pool = connect_pool(PoolConfig(**self.pool_fields(1)), ModelSpec(**self.model))
         rp = RayModelPool(pool, PoolConfig(**self.pool_fields(1)), job="floor")
@@ -135,7 +135,7 @@ class Bench:
 
         from core.models.loading import ModelSpec
         from runner.config import PoolConfig
-        from runner.pool import connect_pool
+        from runner.pool.pool import connect_pool
 
         pool = connect_pool(PoolConfig(**self.pool_fields(1)), ModelSpec(**self.model))
         lat = shape_px // 8
@@ -274,8 +274,8 @@ def run_whole(b: Bench) -> dict:
 
     from core.models.loading import ModelSpec
     from runner.config import PoolConfig
-    from runner.pool import connect_pool
-    from runner.ray_pool import RayModelPool
+    from runner.pool.pool import connect_pool
+    from runner.pool.ray_pool import RayModelPool
 
     image = synthetic_image(b.tmp / "in1024.png", b.px(1024))
     fields = b.job_4096(
@@ -361,8 +361,8 @@ def run_oom(b: Bench) -> dict:
 
     from core.models.loading import ModelSpec
     from runner.config import PoolConfig
-    from runner.pool import connect_pool, shutdown_pool
-    from runner.ray_pool import RayModelPool
+    from runner.pool.pool import connect_pool, shutdown_pool
+    from runner.pool.ray_pool import RayModelPool
 
     # The Flux.1-dev transformer on TAEF2 latents: the VAE's full-resolution activations (9.5 GiB for a
     # 2048 px decode with Flux's AutoencoderKL, measured) would otherwise need more memory than any

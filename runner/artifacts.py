@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from core.pictures import to_uint8
+from core.eval.pictures import to_uint8
 
 
 def _atomic(path: Path, write) -> None:

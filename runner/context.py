@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from core.models.backbone import Cond
+from core.models.forward import evaluate_in_process
 from core.models.loading import LoadedModel
-from core.views import ViewInput, evaluate_in_process
+from core.tiling.views import ViewInput
 from runner import artifacts
 from runner.tracking import Tracker
 
@@ -131,13 +132,13 @@ class LocalModelPool:
         return out
 
     def encode(self, images: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
-        from core.tiled_vae import tiled_encode
+        from core.vae.tiled import tiled_encode
 
         with torch.no_grad():
             return tiled_encode(self.model.vae, images, tile=tile) if tile else self.model.vae.encode(images)
 
     def decode(self, latents: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
-        from core.tiled_vae import tiled_decode
+        from core.vae.tiled import tiled_decode
 
         f = self.vae_scale_factor
         with torch.no_grad():

@@ -184,8 +184,8 @@ def pool_fallbacks(pool_summary: dict) -> list[dict]:
 
 
 def _run_pool_task(job: Job, arts: JobArtifacts) -> tuple[Any, dict]:
-    from runner.pool import connect_pool
-    from runner.ray_pool import RayModelPool
+    from runner.pool.pool import connect_pool
+    from runner.pool.ray_pool import RayModelPool
 
     with arts.timer("pool_connect"):
         pool = connect_pool(job.runner.pool, job.config.model)

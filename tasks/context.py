@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from core.models.backbone import Cond
-from core.views import ViewInput
+from core.tiling.views import ViewInput
 
 
 class Artifacts(Protocol):

@@ -1,8 +1,8 @@
 """Train the built-in reference model: a small Flux.1-architecture denoiser on TAEF2 latents.
 
 Recipe (platform-notes.md §9 feasibility run, plus a schedule and EMA): rectified flow
-(core/rectified_flow.py) with logit-normal times on standardised TAEF2 latents of random
-multi-scale, flipped 256 px crops of the training photos (core/photo_crops.py); AdamW with linear
+(core/flow/rectified_flow.py) with logit-normal times on standardised TAEF2 latents of random
+multi-scale, flipped 256 px crops of the training photos (core/data/photo_crops.py); AdamW with linear
 warm-up and a cosine decay to a floor; an EMA of the weights, which is what is validated, sampled
 and returned. Validation: a fixed set of crops of the eval photos with a fixed (t, eps) per crop,
 against the zero-velocity baseline on exactly the same inputs.
@@ -50,7 +50,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from core.flow import get_sigmas
+from core.data.photo_crops import bank_batch, extract_crops, plan_crops
+from core.flow.rectified_flow import (
+    draw_flow_inputs,
+    make_validation_set,
+    rectified_flow_loss,
+    validation_loss,
+    zero_velocity_loss,
+)
+from core.flow.sampling import sample_euler
+from core.flow.schedules import get_sigmas
+from core.flow.seeds import derive_seed, gaussian_noise
 from core.models.reference import (
     REFERENCE_CONFIG,
     REFERENCE_NATIVE_SIZE,
@@ -59,16 +69,6 @@ from core.models.reference import (
     build_reference,
     save_reference,
 )
-from core.photo_crops import bank_batch, extract_crops, plan_crops
-from core.rectified_flow import (
-    draw_flow_inputs,
-    make_validation_set,
-    rectified_flow_loss,
-    validation_loss,
-    zero_velocity_loss,
-)
-from core.sampling import sample_euler
-from core.seeds import derive_seed, gaussian_noise
 from tasks.context import TrainContext
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -283,8 +283,8 @@ def _grid(images: torch.Tensor) -> torch.Tensor:
 def run(cfg: TrainReferenceConfig, ctx: TrainContext) -> TrainReferenceResult:
     import diffusers
 
-    from core.models.taef2 import load_taef2
-    from core.models.vae import TinyVae
+    from core.vae.adapters import TinyVae
+    from core.vae.taef2 import load_taef2
 
     t_start = time.monotonic()
     device = torch.device(ctx.device)

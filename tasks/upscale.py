@@ -23,19 +23,26 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from core.denoise import Reference, compose_velocity, make_after_step
-from core.fft_blend import fft_lowpass_blend, refinement_applies, refinement_plan
-from core.flow import get_sigmas, img2img_sigmas, mu_for_tokens, noise_to
-from core.metrics import channel_stats
-from core.phases import cleanup_seed, needs_final_resize, phase_seeds, plan_phase_sizes
-from core.pictures import bar_chart, fit_latent_preview, preview_rgb, side_by_side, to_uint8
-from core.quadtree import leaves_to_json, quadtree_overlay
-from core.resize import covariance_upscale, resize_image, resize_latent, resize_mask
-from core.sampling import StepInfo, sample_euler
-from core.seeds import derive_seed, gaussian_noise
-from core.skip_residual import linear_values, phase_strengths, reference_weights, rewind_ranges, stage_skip
-from core.tiling import Tile
-from core.views import FullFramePlan
+from core.eval.metrics import channel_stats
+from core.eval.pictures import bar_chart, fit_latent_preview, preview_rgb, side_by_side, to_uint8
+from core.flow.sampling import StepInfo, sample_euler
+from core.flow.schedules import get_sigmas, img2img_sigmas, mu_for_tokens, noise_to
+from core.flow.seeds import derive_seed, gaussian_noise
+from core.tiling.compose import compose_velocity
+from core.tiling.quadtree import leaves_to_json, quadtree_overlay
+from core.tiling.tiles import Tile
+from core.tiling.views import FullFramePlan
+from core.upscale.after_step import Reference, make_after_step
+from core.upscale.fft_blend import fft_lowpass_blend, refinement_applies, refinement_plan
+from core.upscale.phases import cleanup_seed, needs_final_resize, phase_seeds, plan_phase_sizes
+from core.upscale.resize import covariance_upscale, resize_image, resize_latent, resize_mask
+from core.upscale.skip_residual import (
+    linear_values,
+    phase_strengths,
+    reference_weights,
+    rewind_ranges,
+    stage_skip,
+)
 from tasks.context import UpscaleContext
 from tasks.upscale_config import UpscaleConfig, check  # noqa: F401  (check: the runner's pre-flight)
 from tasks.upscale_plans import build_global_plan, build_local_plan, quadtree_image

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.models.backbone import RopeSpec
 from core.models.loading import ModelSpec
-from core.skip_residual import SkipResidual, linear_values
+from core.rope.spec import RopeSpec
+from core.upscale.skip_residual import SkipResidual, linear_values
 
 RESIZE_MODES = ("pixel", "latent", "covariance")
 RESIZE_METHODS = ("bicubic", "bilinear", "lanczos", "area", "nearest")

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
-from core.dilated import DilatedPlan
-from core.models.backbone import RopeSpec
-from core.quadtree import Leaf, assign_denoise, build_quadtree, quadtree_tiles
-from core.resize import resize_image
-from core.seeds import derive_seed
-from core.tile_plans import SpotPlan, TilePlan, tile_start_indices
-from core.tiling import Tile, grid_tiles
-from core.views import FullFramePlan, Plan
+from core.flow.seeds import derive_seed
+from core.rope.spec import RopeSpec
+from core.tiling.dilated import DilatedPlan
+from core.tiling.quadtree import Leaf, assign_denoise, build_quadtree, quadtree_tiles
+from core.tiling.tile_plans import SpotPlan, TilePlan, tile_start_indices
+from core.tiling.tiles import Tile, grid_tiles
+from core.tiling.views import FullFramePlan, Plan
+from core.upscale.resize import resize_image
 from tasks.upscale_config import CoherenceConfig, TilingConfig
 
 

@@ -1,4 +1,4 @@
-"""core/dilated.py: DemoFusion's dilated global views (algorithms.md §3.2, §3.4)."""
+"""core/tiling/dilated.py: DemoFusion's dilated global views (algorithms.md §3.2, §3.4)."""
 
 import math
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.dilated import DilatedPlan, c2, c3, cosine_factor, fuse_global, gaussian_blur
-from core.models.backbone import RopeSpec
-from core.views import Plan
+from core.rope.spec import RopeSpec
+from core.tiling.dilated import DilatedPlan, c2, c3, cosine_factor, fuse_global, gaussian_blur
+from core.tiling.views import Plan
 
 
 def latent(h, w, c=4, seed=0):

@@ -1,13 +1,13 @@
-"""core/dype.py: YaRN/NTK frequencies, DyPE v1/v2 modulation (algorithms.md §8) and the tables."""
+"""core/rope/dype.py: YaRN/NTK frequencies, DyPE v1/v2 modulation (algorithms.md §8) and the tables."""
 
 import math
 
 import pytest
 import torch
 
-from core.dype import dype_axis, dype_tables, ntk_frequencies, yarn_frequencies
-from core.models.backbone import RopeSpec
-from core.rope import base_frequencies, image_ids, rope_tables, text_ids
+from core.rope.dype import dype_axis, dype_tables, ntk_frequencies, yarn_frequencies
+from core.rope.spec import RopeSpec
+from core.rope.tables import base_frequencies, image_ids, rope_tables, text_ids
 
 D, L0, THETA = 56, 64, 10000.0
 
@@ -86,7 +86,7 @@ def test_hand_derived_gamma_ramp_pair():
     assert freqs[3].item() == pytest.approx(0.6 * f_ntk + 0.4 * f_base, rel=1e-14)
 
 
-# Frozen once from core.dype after an independent check: a scratch transcription of the official
+# Frozen once from core.rope.dype after an independent check: a scratch transcription of the official
 # DyPE v2 yarn path (guyyariv/DyPE flux/transformer_flux.py) agreed to 4e-9 relative (its ramps are
 # float32) for d in {56, 24}, extents 96..512, t in {1, .7, .5, .25, .1, .03}, static and dynamic.
 GOLDEN = {

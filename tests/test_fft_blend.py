@@ -1,11 +1,11 @@
-"""core/fft_blend.py: Gaussian low-pass FFT blend, area downscale, refinement plan (algorithms.md §4.3)."""
+"""core/upscale/fft_blend.py: Gaussian low-pass FFT blend, area downscale, refinement plan (§4.3)."""
 
 import math
 
 import pytest
 import torch
 
-from core.fft_blend import (
+from core.upscale.fft_blend import (
     area_downscale,
     fft_lowpass_blend,
     lowpass_mask,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from core.models.backbone import Cond, RopeSpec
+from core.models.backbone import Cond
 from core.models.flux import (
     FluxBackbone,
     load_flux_transformer,
@@ -15,6 +15,7 @@ from core.models.flux import (
     tiny_flux_config,
     unpack_latents,
 )
+from core.rope.spec import RopeSpec
 
 pytestmark = pytest.mark.cpu
 

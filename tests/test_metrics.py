@@ -1,4 +1,4 @@
-"""Tests for core.metrics: hand-derived golden numbers and an independent SSIM reference."""
+"""Tests for core.eval.metrics: hand-derived golden numbers and an independent SSIM reference."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.metrics import (
+from core.eval.metrics import (
     border_mask_from_boxes,
     channel_stats,
     high_frequency_ratio,
@@ -18,7 +18,7 @@ from core.metrics import (
     seam_score,
     ssim,
 )
-from core.seeds import cpu_generator
+from core.flow.seeds import cpu_generator
 
 pytestmark = pytest.mark.cpu
 

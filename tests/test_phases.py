@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from core.phases import (
+from core.upscale.phases import (
     PhaseSize,
     cleanup_seed,
     needs_final_resize,

@@ -1,4 +1,4 @@
-"""Tests for core.pictures: chart geometry, exact recovery of a linear latent preview, panel shapes."""
+"""Tests for core.eval.pictures: chart geometry, exact recovery of a linear latent preview, panel shapes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.pictures import (
+from core.eval.pictures import (
     AXIS_RGB,
     BACKGROUND,
     BAR_RGB,
@@ -19,7 +19,7 @@ from core.pictures import (
     preview_rgb,
     side_by_side,
 )
-from core.seeds import cpu_generator
+from core.flow.seeds import cpu_generator
 
 pytestmark = pytest.mark.cpu
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from core.quadtree import (
+from core.tiling.quadtree import (
     Leaf,
     QuadTile,
     assign_denoise,

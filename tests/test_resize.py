@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from core.resize import (
+from core.upscale.resize import (
     METHODS,
     covariance_upscale,
     latent_moments,

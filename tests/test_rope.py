@@ -1,4 +1,4 @@
-"""core/rope.py: Flux RoPE tables against diffusers' FluxPosEmbed, ids, mscale."""
+"""core/rope/tables.py: Flux RoPE tables against diffusers' FluxPosEmbed, ids, mscale."""
 
 import math
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from core.rope import base_frequencies, image_ids, rope_tables, text_ids
+from core.rope.tables import base_frequencies, image_ids, rope_tables, text_ids
 
 FLUX_AXES = (16, 56, 56)
 REFERENCE_AXES = (16, 24, 24)

@@ -6,12 +6,13 @@ import pytest
 import ray
 import torch
 
+from core.models.forward import evaluate_in_process
 from core.models.loading import ModelSpec
-from core.views import ViewInput, evaluate_in_process
+from core.tiling.views import ViewInput
 from runner.config import PoolConfig
-from runner.dispatch import Dispatcher
-from runner.pool import PoolError, WorkerPool, connect_pool, shutdown_pool
-from runner.ray_pool import RayModelPool
+from runner.pool.dispatch import Dispatcher
+from runner.pool.pool import PoolError, WorkerPool, connect_pool, shutdown_pool
+from runner.pool.ray_pool import RayModelPool
 
 pytestmark = pytest.mark.cpu
 TINY = ModelSpec(kind="random", shape="tiny")
@@ -97,7 +98,7 @@ def test_dispatcher_bounds_in_flight_and_requeues_a_dead_workers_batch(pool3):
 
 def test_tiled_vae_over_the_pool_equals_in_process(pool3):
     from core.models.loading import load_model
-    from core.tiled_vae import tiled_decode
+    from core.vae.tiled import tiled_decode
 
     local = load_model(TINY, "cpu")
     latents = torch.randn(1, 32, 20, 28, generator=torch.Generator().manual_seed(3))
@@ -120,7 +121,7 @@ def test_tiled_vae_over_the_pool_equals_in_process(pool3):
 
 def test_in_process_and_pool_batching_agree(pool3):
     """The in-process evaluator batches exactly as the dispatcher does (same groups, same order)."""
-    from core.views import plan_batches
+    from core.tiling.views import plan_batches
 
     vs = views(7)
     assert plan_batches(vs, 3) == [[0, 2, 4], [6], [1, 3, 5]]
@@ -134,7 +135,7 @@ def test_in_process_and_pool_batching_agree(pool3):
 def test_oom_shrinks_the_batch_and_is_reported():
     """Fault injection: a backbone that runs out of memory above 2 views per forward."""
     from core.models.loading import load_model
-    from runner.worker import ModelWorker, ViewTooLargeError
+    from runner.pool.worker import ModelWorker, ViewTooLargeError
 
     worker = ModelWorker(0)
     worker.spec, worker.model = TINY, load_model(TINY, "cpu")
@@ -170,7 +171,7 @@ def test_oom_split_frees_the_failed_forward_first():
     import weakref
 
     from core.models.loading import load_model
-    from runner.worker import ModelWorker
+    from runner.pool.worker import ModelWorker
 
     worker = ModelWorker(0)
     worker.spec, worker.model = TINY, load_model(TINY, "cpu")

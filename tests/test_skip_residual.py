@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from core.skip_residual import (
+from core.upscale.skip_residual import (
     SkipResidual,
     blend,
     linear_values,

@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core.models import taef2
-from core.models.vae import TinyVae
+from core.vae import taef2
+from core.vae.adapters import TinyVae
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("TESSERA_ASSETS", REPO.parent / "shared" / "assets"))

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.flow import euler_step, get_sigmas, img2img_sigmas, noise_to
-from core.quadtree import assign_denoise, build_quadtree, quadtree_tiles
-from core.seeds import gaussian_noise
-from core.tile_plans import SpotPlan, TilePlan, fibonacci_spacing, pin_to_reference, tile_start_indices
-from core.tiling import Tile, grid_tiles, weight_map
+from core.flow.schedules import euler_step, get_sigmas, img2img_sigmas, noise_to
+from core.flow.seeds import gaussian_noise
+from core.tiling.quadtree import assign_denoise, build_quadtree, quadtree_tiles
+from core.tiling.tile_plans import SpotPlan, TilePlan, fibonacci_spacing, pin_to_reference, tile_start_indices
+from core.tiling.tiles import Tile, grid_tiles, weight_map
 
 C = 4
 KERNEL = torch.randn(C, C, 3, 3, generator=torch.Generator().manual_seed(7)) * 0.2

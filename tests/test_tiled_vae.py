@@ -1,4 +1,4 @@
-"""Tiled VAE with exact GroupNorm statistics (core/tiled_vae.py, algorithms.md section 11).
+"""Tiled VAE with exact GroupNorm statistics (core/vae/tiled.py, algorithms.md section 11).
 
 Equivalences: tiled == untiled (up to float rounding) for TAEF2 with its real weights and for a
 tiny random AutoencoderKL with mid-block attention, compared against diffusers' own forward. The
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from core.models import taef2
-from core.models.vae import KLVae, TinyVae, load_kl_vae
-from core.tiled_vae import (
+from core.vae import taef2
+from core.vae.adapters import KLVae, TinyVae, load_kl_vae
+from core.vae.tiled import (
     AttentionGlobal,
     AttentionPartial,
     Box,

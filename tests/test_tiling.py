@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from core.tiling import Tile, crop, fuse_views, fuse_with_coverage, grid_tiles, tile_border_mask, weight_map
+from core.tiling.tiles import (
+    Tile,
+    crop,
+    fuse_views,
+    fuse_with_coverage,
+    grid_tiles,
+    tile_border_mask,
+    weight_map,
+)
 
 
 def boxes(tiles):

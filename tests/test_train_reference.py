@@ -1,5 +1,6 @@
-"""tasks/train_reference.py with core/photo_crops.py and core/rectified_flow.py: golden numbers for the
-pure parts, and a tiny end-to-end training run (CPU, fp32) through a real in-process TrainContext."""
+"""tasks/train_reference.py with core/data/photo_crops.py and core/flow/rectified_flow.py: golden
+numbers for the pure parts, and a tiny end-to-end training run (CPU, fp32) through a real in-process
+TrainContext."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from core.photo_crops import CropPlan, bank_batch, extract_crops, plan_crops
-from core.rectified_flow import (
+from core.data.photo_crops import CropPlan, bank_batch, extract_crops, plan_crops
+from core.flow.rectified_flow import (
     ValidationSet,
     draw_flow_inputs,
     logit_normal,
@@ -118,7 +119,7 @@ def tiny_config(train: Path, evaluation: Path, **overrides) -> TrainReferenceCon
     return TrainReferenceConfig(**(base | overrides))
 
 
-# --- core/rectified_flow.py ------------------------------------------------------------------------
+# --- core/flow/rectified_flow.py ------------------------------------------------------------------------
 
 
 def test_flow_loss_golden_identity_model():
@@ -169,7 +170,7 @@ def test_validation_loss_batches_and_zero_baseline():
     assert zero.item() == pytest.approx((vs.eps - vs.x0).square().mean().item(), rel=1e-6)
 
 
-# --- core/photo_crops.py ---------------------------------------------------------------------------
+# --- core/data/photo_crops.py ---------------------------------------------------------------------------
 
 SIZES = [(320, 480), (100, 90), (512, 768), (60, 200)]  # (60, 200) is too small for a 64 px crop
 

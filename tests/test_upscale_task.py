@@ -211,7 +211,7 @@ def test_odd_input_is_cropped_and_recorded(model, tmp_path):
 @pytest.mark.parametrize(("height", "width"), [(6, 10), (12, 20), (32, 48), (2, 2)])
 def test_local_plans_of_small_latents_keep_whole_tokens(height, width):
     """Refinement passes run on small latents: tiles and overlaps stay even (whole 2x2 tokens)."""
-    from core.models.backbone import RopeSpec
+    from core.rope.spec import RopeSpec
     from tasks.upscale_plans import build_local_plan
 
     for method in ("multidiffusion", "mixture", "spot"):
@@ -227,7 +227,7 @@ def test_local_plans_of_small_latents_keep_whole_tokens(height, width):
 def test_inpaint_mask_keeps_the_outside_on_the_reference(model, photo, tmp_path):
     """Mask (white = regenerate) resized with the phase: where it is black, every step is pinned to
     the inversion trajectory, so the phase ends exactly on the resized input latent there."""
-    from core.resize import resize_image
+    from core.upscale.resize import resize_image
 
     mask = Image.new("L", (80, 64), 0)
     mask.paste(255, (40, 0, 80, 64))  # regenerate the right half only

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.dype import dype_tables
-from core.models.backbone import Cond, RopeSpec
+from core.models.backbone import Cond
+from core.rope.dype import dype_tables
+from core.rope.spec import RopeSpec
 
 ROPE_THETA = 10000.0
 
@@ -66,7 +67,7 @@ class FluxBackbone(nn.Module):
         self, rows: int, cols: int, n_text: int, sigma: float, spec: RopeSpec | None, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) [n_text + rows*cols, head_dim]: text ids (zeros), then the image grid; DyPE
-        extends an axis longer than the native grid (core/dype.py), plain RoPE otherwise."""
+        extends an axis longer than the native grid (core/rope/dype.py), plain RoPE otherwise."""
         return dype_tables(
             rows,
             cols,

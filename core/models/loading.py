@@ -14,8 +14,8 @@ from typing import Literal
 
 import torch
 
+from core.flow.seeds import gaussian_noise
 from core.models.backbone import Backbone, Cond, Vae
-from core.seeds import gaussian_noise
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLUX_NATIVE_SIZE = 128  # 1024 px / 8
@@ -93,15 +93,15 @@ class LoadedModel:
 
 
 def _taef2_vae(device: torch.device, shift: float = 0.0, scale: float = 1.0) -> Vae:
-    from core.models.taef2 import load_taef2
-    from core.models.vae import TinyVae
+    from core.vae.adapters import TinyVae
+    from core.vae.taef2 import load_taef2
 
     encoder, decoder = load_taef2()
     return TinyVae(encoder.to(device).eval(), decoder.to(device).eval(), shift=shift, scale=scale)
 
 
 def _kl_vae(source: str, device: torch.device, dtype: torch.dtype) -> Vae:
-    from core.models.vae import load_kl_vae
+    from core.vae.adapters import load_kl_vae
 
     return load_kl_vae(source, dtype=dtype, device=device)
 
@@ -109,7 +109,7 @@ def _kl_vae(source: str, device: torch.device, dtype: torch.dtype) -> Vae:
 def _random_kl_vae(device: torch.device, dtype: torch.dtype, seed: int) -> Vae:
     from diffusers import AutoencoderKL
 
-    from core.models.vae import KLVae
+    from core.vae.adapters import KLVae
 
     with torch.device("meta"):
         vae = AutoencoderKL(**FLUX_VAE_CONFIG).to(dtype)

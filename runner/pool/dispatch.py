@@ -1,6 +1,6 @@
 """Fan views out over the worker pool with a bounded number of batches in flight.
 
-Batches are formed by `core.views.plan_batches` (a function of the views only) and each runs whole
+Batches are formed by `core.tiling.views.plan_batches` (a function of the views only) and each runs whole
 on one worker, so the output does not depend on how many workers there are or which one was free.
 Whichever worker has the fewest batches in flight gets the next one; `ray.wait` returns results as
 they complete and they are placed by index, so completion order changes nothing.
@@ -21,9 +21,9 @@ import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-from core.views import ViewInput, plan_batches, stack_batch
+from core.tiling.views import ViewInput, plan_batches, stack_batch
+from runner.pool.worker import BatchResult
 from runner.timing import stats
-from runner.worker import BatchResult
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.flow import euler_step
+from core.flow.schedules import euler_step
 
 ModelFn = Callable[[torch.Tensor, float, int], torch.Tensor]
 

@@ -4,7 +4,7 @@ DemoFusion's skip residual (arXiv 2311.16973), as the Iterative Mixer runs it pe
 (algorithms.md §5) and as the FlowMatching-Upscaler runs it once per stage (§4.1, §4.2 step 4).
 
 The reference at flow time sigma is z'_sigma = (1 - sigma) x_ref + sigma eps (flow-correct, §5.3;
-`core.flow.noise_to`). After the sampler steps to sigma_{k+1} it is mixed with z'_{k+1}, the
+`core.flow.schedules.noise_to`). After the sampler steps to sigma_{k+1} it is mixed with z'_{k+1}, the
 reference at the SAME sigma (§5.4 [correct]; upstream's off-by-one mixes z'_k).
 
 Conventions:

@@ -2,7 +2,7 @@
 
 Both map images [B, 3, H, W] in [0, 1] to model-space latents (z - shift) * scale, where z is the
 raw VAE latent, and back (images clamped to [0, 1]). Both also expose the tile programs of
-core.tiled_vae (`encode_program`, `decode_program`) and their receptive-field radii
+core.vae.tiled (`encode_program`, `decode_program`) and their receptive-field radii
 (`encode_halo` in image pixels, `decode_halo` in latent pixels), so `tiled_encode` / `tiled_decode`
 and the runner's distributed driver work on either.
 
@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from core.models import kl_programs, taef2
-from core.tiled_vae import Box, TileProgram, halo_radius
+from core.vae import kl_programs, taef2
+from core.vae.tiled import Box, TileProgram, halo_radius
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL

@@ -15,7 +15,7 @@ import ray
 
 from core.models.loading import ModelSpec
 from runner.config import PoolConfig
-from runner.worker import ModelWorker
+from runner.pool.worker import ModelWorker
 
 NAMESPACE = "tessera"
 
@@ -83,7 +83,7 @@ def connect_pool(cfg: PoolConfig, spec: ModelSpec, *, worker_cls: type = ModelWo
                 # A call that crashes its worker is re-queued by the dispatcher, never retried blind.
                 max_task_retries=0,
                 lifetime="detached",
-                max_concurrency=2,  # see runner/worker.py: transport overlaps the device work
+                max_concurrency=2,  # see runner/pool/worker.py: transport overlaps the device work
             )
             handle = (
                 ray.remote(worker_cls)

@@ -1,6 +1,6 @@
 """Fused tiling plans: MultiDiffusion, Mixture of Diffusers, per-tile denoise and SpotDiffusion.
 
-Each plan implements core.views.Plan: `views` cuts the tiles of one step out of the latent
+Each plan implements core.tiling.views.Plan: `views` cuts the tiles of one step out of the latent
 x [1, C, H, W], and `fuse` merges the model's velocities [C, h, w] into one velocity [1, C, H, W]
 (algorithms.md section 6). The sampler stays a plain Euler loop around them.
 
@@ -25,11 +25,11 @@ from collections.abc import Sequence
 
 import torch
 
-from core.flow import velocity_from_x0, x0_from_velocity
-from core.models.backbone import RopeSpec
-from core.seeds import cpu_generator, derive_seed
-from core.tiling import Tile, crop, fuse_views, grid_tiles, tile_weights
-from core.views import ViewInput
+from core.flow.schedules import velocity_from_x0, x0_from_velocity
+from core.flow.seeds import cpu_generator, derive_seed
+from core.rope.spec import RopeSpec
+from core.tiling.tiles import Tile, crop, fuse_views, grid_tiles, tile_weights
+from core.tiling.views import ViewInput
 
 SPOT_MODES = ("random", "sorted", "fibonacci")
 

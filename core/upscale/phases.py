@@ -9,7 +9,7 @@ Two forms (algorithms.md §4.1, §4.4, §12):
   applied to the current size, round() then up to even, so the final size drifts from
   base x total as upstream does.
 
-Seeds follow the Upscaler's golden-ratio stride (`core.seeds.stage_seed`): phase i gets
+Seeds follow the Upscaler's golden-ratio stride (`core.flow.seeds.stage_seed`): phase i gets
 stage_seed(seed, i), the clean-up phase the next one, and next_seed the one after the last used.
 
 Decisions: a target smaller than the source on either axis is an error (this is an upscaler; a
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from core.seeds import stage_seed
+from core.flow.seeds import stage_seed
 
 
 class PhaseSize(NamedTuple):

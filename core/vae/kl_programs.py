@@ -2,11 +2,11 @@
 
 Mirrors diffusers 0.42.1 (autoencoders/vae.py Encoder/Decoder, resnet.py ResnetBlock2D,
 downsampling.py Downsample2D, upsampling.py Upsample2D, attention_processor.py Attention with
-AttnProcessor2_0) over the module's own submodules, for core.tiled_vae. Every GroupNorm yields a
+AttnProcessor2_0) over the module's own submodules, for core.vae.tiled. Every GroupNorm yields a
 GroupNormPartial; the mid-block self-attention yields its core tokens' keys and values and attends
 each tile's queries to the keys of the whole image, so the tiled result stays exact. Flux.1's VAE
 has that mid-block attention (one head of 512 channels at 1/8 resolution). Its receptive fields
-(`encoder_ops` / `decoder_ops` through core.tiled_vae.halo_radius) are 108 image pixels for the
+(`encoder_ops` / `decoder_ops` through core.vae.tiled.halo_radius) are 108 image pixels for the
 encoder and 18 latent pixels for the decoder.
 
 Supported: DownEncoderBlock2D / UpDecoderBlock2D of ResnetBlock2D without time embedding, conv
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.tiled_vae import AttentionGlobal, AttentionPartial, Box, TileProgram, group_norm_step
+from core.vae.tiled import AttentionGlobal, AttentionPartial, Box, TileProgram, group_norm_step
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -106,7 +106,7 @@ def _resnet_ops(resnet: nn.Module) -> list[str]:
 
 
 def encoder_ops(vae: AutoencoderKL) -> list[str]:
-    """The encoder's spatial ops for core.tiled_vae.halo_radius."""
+    """The encoder's spatial ops for core.vae.tiled.halo_radius."""
     enc = vae.encoder
     ops = _conv_ops(enc.conv_in)
     for block in enc.down_blocks:
@@ -120,7 +120,7 @@ def encoder_ops(vae: AutoencoderKL) -> list[str]:
 
 
 def decoder_ops(vae: AutoencoderKL) -> list[str]:
-    """The decoder's spatial ops for core.tiled_vae.halo_radius."""
+    """The decoder's spatial ops for core.vae.tiled.halo_radius."""
     dec = vae.decoder
     ops = _conv_ops(dec.conv_in)
     for resnet in dec.mid_block.resnets:

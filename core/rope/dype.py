@@ -33,8 +33,8 @@ from typing import Literal
 
 import torch
 
-from core.models.backbone import RopeSpec
-from core.rope import base_frequencies, image_ids, rope_tables, text_ids
+from core.rope.spec import RopeSpec
+from core.rope.tables import base_frequencies, image_ids, rope_tables, text_ids
 
 BETA0, BETA1, GAMMA0, GAMMA1 = 1.25, 0.75, 16.0, 2.0
 BASE_PATCHES = 64  # Flux.1: 1024 px / (8 VAE * 2 patch)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from core.tiling import Tile
+from core.tiling.tiles import Tile
 
 CRITERIA = ("variance", "legacy")
 _DEFAULTS = {"variance": (25.0, 4, None), "legacy": (0.03, 256, 4)}  # threshold, min_tile, max_depth

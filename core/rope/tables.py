@@ -10,7 +10,7 @@ Decisions:
   ids are read as float32, frequencies and angles are float64, the tables are cast to float32.
   Frequencies are computed as 1 / theta^(2k/d) (not theta^(-2k/d)): the two differ in the last
   float64 bit for some k.
-- Frequencies are an argument (`axis_freqs`), so RoPE extension (DyPE/YaRN/NTK, core/dype.py)
+- Frequencies are an argument (`axis_freqs`), so RoPE extension (DyPE/YaRN/NTK, core/rope/dype.py)
   only changes the frequency vectors and the per-axis attention temperature `mscale`; the angle
   and table code is shared.
 - mscale multiplies the float32 tables after the cast, as the DyPE reference does; 1.0 is exact.

@@ -8,7 +8,7 @@ is sigmoid(m) = 1/2 for m = 0 and the middle times, where the velocity is hardes
 sampled most.
 
 Decisions:
-- Every draw (t and eps) is made on a CPU generator keyed by one seed (core.seeds), in float32 at
+- Every draw (t and eps) is made on a CPU generator keyed by one seed (core.flow.seeds), in float32 at
   the batch's full shape; the caller moves it. A training step keys it by (job seed, step), so a
   resumed run draws exactly what an uninterrupted one does.
 - Validation uses a FIXED (t, eps) per validation crop, drawn once: the loss then measures the
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from core.flow import noise_to
-from core.seeds import cpu_generator, derive_seed, gaussian_noise
+from core.flow.schedules import noise_to
+from core.flow.seeds import cpu_generator, derive_seed, gaussian_noise
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """velocity(x_t [B, C, h, w], t [B]) -> v [B, C, h, w] (any float dtype)."""

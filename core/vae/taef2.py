@@ -7,7 +7,7 @@ of the encoder and the decoder. Module indices equal the keys of the upstream .p
 strict `load_state_dict` works after casting their fp16 tensors to float32.
 
 The tile programs (`encoder_program`, `decoder_program`) are the same forward written as
-generators for core.tiled_vae: the pool branch's GroupNorm is the only layer that needs the whole
+generators for core.vae.tiled: the pool branch's GroupNorm is the only layer that needs the whole
 image, and it yields a GroupNormPartial there.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.tiled_vae import Box, TileProgram, group_norm_step, halo_radius
+from core.vae.tiled import Box, TileProgram, group_norm_step, halo_radius
 
 LATENT_CHANNELS = 32
 WIDTH = 64
@@ -146,7 +146,7 @@ def load_taef2(directory: str | Path | None = None) -> tuple[Taef2Encoder, Taef2
     return encoder.to(memory_format=channels_last).eval(), decoder.to(memory_format=channels_last).eval()
 
 
-# --- tile programs (core.tiled_vae) --------------------------------------------------------------
+# --- tile programs (core.vae.tiled) --------------------------------------------------------------
 
 
 def layer_ops(layers: nn.Sequential) -> list[str]:

@@ -10,11 +10,11 @@ import ray
 import torch
 
 from core.models.backbone import Cond
-from core.views import ViewInput
+from core.tiling.views import ViewInput
 from runner.config import PoolConfig
-from runner.dispatch import Dispatcher
-from runner.pool import WorkerPool
-from runner.vae_pool import tiled_over_pool
+from runner.pool.dispatch import Dispatcher
+from runner.pool.pool import WorkerPool
+from runner.pool.vae_pool import tiled_over_pool
 
 
 class RayModelPool:

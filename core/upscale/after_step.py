@@ -20,12 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from core.dilated import fuse_global
-from core.flow import noise_to
-from core.sampling import ModelFn
-from core.skip_residual import mix_with_reference
-from core.tile_plans import pin_to_reference
-from core.views import Evaluate, Plan
+from core.flow.schedules import noise_to
+from core.tiling.tile_plans import pin_to_reference
+from core.upscale.skip_residual import mix_with_reference
 
 
 @dataclass(frozen=True)
@@ -37,35 +34,6 @@ class Reference:
 
     def at(self, sigma: float) -> torch.Tensor:
         return noise_to(self.u, self.eps, sigma)
-
-
-def compose_velocity(
-    local: Plan,
-    evaluate: Evaluate,
-    *,
-    global_plan: Plan | None = None,
-    cosine_scale_2: float = 1.0,
-    on_views: Callable[[int, int], None] | None = None,
-) -> ModelFn:
-    """A model_fn(x, sigma, step) -> v over the whole latent from a local plan and an optional global one.
-
-    on_views(step, n_views) observes how many views each step evaluated (for progress and job.json).
-    """
-
-    def model_fn(x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
-        local_views = local.views(x, sigma, step)
-        global_views = global_plan.views(x, sigma, step) if global_plan is not None else []
-        outputs = evaluate([*local_views, *global_views]) if local_views or global_views else []
-        n = len(local_views)
-        v = local.fuse(x, outputs[:n], sigma, step).to(x.dtype)
-        if global_plan is not None:
-            v_global = global_plan.fuse(x, outputs[n:], sigma, step).to(x.dtype)
-            v = fuse_global(v, v_global, sigma, cosine_scale_2)
-        if on_views is not None:
-            on_views(step, len(outputs))
-        return v
-
-    return model_fn
 
 
 def make_after_step(

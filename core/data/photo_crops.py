@@ -8,7 +8,7 @@ model's native token count); scales below 1 would upsample and blur, so they are
 
 Decisions:
 - Geometry is drawn first (`plan_crops`, a CropPlan of plain CPU integers) on one CPU generator
-  keyed by a seed from core.seeds, at a fixed shape per draw; pixels are cut afterwards
+  keyed by a seed from core.flow.seeds, at a fixed shape per draw; pixels are cut afterwards
   (`extract_crops`) wherever the images live (uint8 on the GPU in training). So a crop set is a
   pure function of (seed, sizes), whatever the device, and a bank of crops can be rebuilt exactly
   on resume.
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from core.seeds import cpu_generator
+from core.flow.seeds import cpu_generator
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Tiled VAE passes spread over the pool, with exact GroupNorm statistics (core/tiled_vae.py).
+"""Tiled VAE passes spread over the pool, with exact GroupNorm statistics (core/vae/tiled.py).
 
 Tile i lives on worker i * W // N (contiguous blocks, so a worker's tiles are neighbours). Every
 worker runs its tiles' programs to their next reduction request; the driver reduces the requests of
@@ -11,7 +11,7 @@ from __future__ import annotations
 import ray
 import torch
 
-from core.tiled_vae import reduce_requests, split_tiles, stitch
+from core.vae.tiled import reduce_requests, split_tiles, stitch
 
 
 def tiled_over_pool(

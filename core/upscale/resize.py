@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from core.seeds import cpu_generator, derive_seed
+from core.flow.seeds import cpu_generator, derive_seed
 
 METHODS = ("bicubic", "bilinear", "lanczos", "area", "nearest")
 LANCZOS_A = 3

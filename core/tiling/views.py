@@ -15,7 +15,7 @@ from typing import Protocol
 
 import torch
 
-from core.models.backbone import Backbone, Cond, RopeSpec
+from core.rope.spec import RopeSpec
 
 
 @dataclass(frozen=True)
@@ -83,20 +83,6 @@ def stack_batch(
     x = torch.stack([views[i].x for i in idx])
     sigma = torch.tensor([views[i].sigma for i in idx], dtype=torch.float32)
     return x, sigma, views[idx[0]].rope
-
-
-def evaluate_in_process(
-    backbone: Backbone, cond: Cond, views: Sequence[ViewInput], *, max_batch: int = 4
-) -> list[torch.Tensor]:
-    """Evaluate views on a backbone held by this process, batched exactly as the runner batches."""
-    out: list[torch.Tensor | None] = [None] * len(views)
-    for idx in plan_batches(views, max_batch):
-        x, sigma, rope = stack_batch(views, idx)
-        with torch.no_grad():
-            v = backbone.velocity(x, sigma.to(x.device), cond, rope)
-        for j, i in enumerate(idx):
-            out[i] = v[j]
-    return out  # type: ignore[return-value]
 
 
 def full_frame_view(x: torch.Tensor, sigma: float, rope: RopeSpec | None = None) -> ViewInput:

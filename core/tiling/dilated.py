@@ -36,8 +36,8 @@ from dataclasses import KW_ONLY, dataclass
 import torch
 import torch.nn.functional as F
 
-from core.models.backbone import RopeSpec
-from core.views import ViewInput
+from core.rope.spec import RopeSpec
+from core.tiling.views import ViewInput
 
 
 def cosine_factor(sigma: float) -> float:
@@ -98,7 +98,7 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tens
 
 @dataclass(frozen=True)
 class DilatedPlan:
-    """DemoFusion's dilated global views at phase factor s, as a `core.views.Plan`.
+    """DemoFusion's dilated global views at phase factor s, as a `core.tiling.views.Plan`.
 
     views(x [1, C, H, W], sigma, step): s^2 views [C, Hp/s, Wp/s] of the blurred, re-standardised,
     top/left-padded latent, (h, w) in row-major order. fuse: scatter each view's velocity back to

@@ -29,9 +29,10 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from core.models.backbone import Cond, RopeSpec
+from core.models.backbone import Cond
 from core.models.loading import LoadedModel, ModelSpec, load_model
-from core.tiled_vae import Box
+from core.rope.spec import RopeSpec
+from core.vae.tiled import Box
 
 
 class ViewTooLargeError(RuntimeError):
