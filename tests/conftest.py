@@ -13,9 +13,13 @@ os.environ.setdefault("COMET_DISABLE_AUTO_LOGGING", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.pop("RAY_ADDRESS", None)
 
+import shutil  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -58,11 +62,19 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory) -> RayCluster:
     """One real Ray for the whole session, started like a user's head node (`ray start --head`),
-    with 4 CPUs and 2 fake GPUs so GPU scheduling is testable; the driver joins it."""
+    with 4 CPUs and 2 fake GPUs so GPU scheduling is testable; the driver joins it.
+
+    The head runs in its own process group with its own temp dir (also exported as RAY_TMPDIR, so a
+    `tessera run` inside a test never finds another cluster), and teardown signals that group only:
+    other users' and other test sessions' Ray processes on the host are never touched.
+    """
     import ray
 
     ray_bin = Path(sys.executable).parent / "ray"
     port, dash = _free_port(), _free_port()
+    # Ray's socket paths live under the temp dir and must stay short (AF_UNIX: 107 bytes).
+    temp_dir = tempfile.mkdtemp(prefix="tsr-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = temp_dir
     # As on a user's head node: the environment's python first on PATH (job entrypoints run `python`).
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", "PATH": path}
@@ -70,6 +82,9 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
         str(ray_bin),
         "start",
         "--head",
+        "--block",
+        f"--temp-dir={temp_dir}",
+        "--node-ip-address=127.0.0.1",
         f"--port={port}",
         "--num-cpus=4",
         "--num-gpus=2",
@@ -79,11 +94,58 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
         "--disable-usage-stats",
         "--object-store-memory=400000000",
     ]
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    log = open(Path(temp_dir) / "ray_start.log", "w")  # noqa: SIM115 (closed at teardown)
+    head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"127.0.0.1:{port}"
-    ray.init(address=address, namespace="tessera")
     try:
+        _wait_for_head(head, address, dash, Path(temp_dir) / "ray_start.log")
+        ray.init(address=address, namespace="tessera")
         yield RayCluster(address, f"http://127.0.0.1:{dash}")
     finally:
         ray.shutdown()
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True)
+        _end_process_group(head)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_head(head: subprocess.Popen, address: str, dash: int, log: Path, timeout: float = 120) -> None:
+    """Until the head's GCS and dashboard accept connections (or `ray start` exits, or time runs out)."""
+    host, port = address.split(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()[-4000:]}")
+        if all(_accepts(host, p) for p in (int(port), dash)):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"the test's Ray head did not come up in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+def _accepts(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _end_process_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the head's process group (ray start --block ends its raylet, GCS and workers), then
+    SIGKILL whatever of that group is left after `grace` seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
