@@ -84,6 +84,19 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor] | None:
     return load_file(str(path)) if path.is_file() else None
 
 
+def write_state(path: Path, state: Mapping[str, Any]) -> None:
+    """A state_dict() (nested tensors, numbers, strings, lists, dicts) as a torch file, atomically."""
+    _atomic(path, lambda tmp: torch.save(dict(state), tmp))
+
+
+def read_state(path: Path) -> dict[str, Any] | None:
+    """A state written by write_state, or None when there is none. weights_only: nothing but
+    tensors and plain containers is unpickled, so a checkpoint file cannot run code."""
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_image(path: str | Path) -> torch.Tensor:
     """A PNG/JPEG as float [1, 3, H, W] in [0, 1] (alpha dropped, greyscale expanded)."""
     path = Path(path)

@@ -69,6 +69,13 @@ class JobArtifacts:
     def load_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
         return artifacts.read_tensors(self.path(name))
 
+    def save_state(self, name: str, state: Mapping[str, Any]) -> str:
+        artifacts.write_state(self.path(name), state)
+        return name
+
+    def load_state(self, name: str) -> dict[str, Any] | None:
+        return artifacts.read_state(self.path(name))
+
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         if self.tracker is not None:
             self.tracker.log(metrics, step)
@@ -198,6 +205,12 @@ class JobContext:
 
     def load_tensors(self, name):
         return self.artifacts.load_tensors(name)
+
+    def save_state(self, name, state):
+        return self.artifacts.save_state(name, state)
+
+    def load_state(self, name):
+        return self.artifacts.load_state(name)
 
     def log_metrics(self, metrics, *, step):
         self.artifacts.log_metrics(metrics, step=step)

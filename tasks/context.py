@@ -43,6 +43,15 @@ class Artifacts(Protocol):
         """A checkpoint written earlier by this job (resume), or None."""
         ...
 
+    def save_state(self, name: str, state: Mapping[str, Any]) -> str:
+        """Checkpoint a `state_dict()` (core.state.Stateful): a nested structure of tensors, numbers,
+        strings, lists and dicts, written atomically (a crash never leaves half a file)."""
+        ...
+
+    def load_state(self, name: str) -> dict[str, Any] | None:
+        """A state written earlier by save_state under `name` (resume), or None; tensors on the CPU."""
+        ...
+
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None: ...
 
     def progress(

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from core.tiling.rect import Rect
 from core.vae import taef2
 from core.vae.adapters import KLVae, TinyVae, load_kl_vae
 from core.vae.tiled import (
     AttentionGlobal,
     AttentionPartial,
-    Box,
     GroupNormGlobal,
     GroupNormPartial,
     group_norm_partial,
@@ -86,9 +86,10 @@ def test_reduce_group_norm_golden() -> None:
 def test_group_norm_partial_is_stable_and_counts_the_core_only() -> None:
     g = torch.Generator().manual_seed(1)
     x = 1e4 + torch.randn(2, 8, 12, 10, generator=g, dtype=torch.float64)  # large offset, unit spread
-    tiles = [Box(0, 0, 12, 4), Box(0, 4, 5, 6), Box(5, 4, 7, 6)]
+    tiles = [Rect(0, 0, 12, 4), Rect(0, 4, 5, 6), Rect(5, 4, 7, 6)]
     padded = F.pad(x, (3, 3, 3, 3), value=-7.0).float()  # halo values that must not be counted
-    reply = reduce_requests([group_norm_partial(padded, Box(b.y0 + 3, b.x0 + 3, b.h, b.w), 4) for b in tiles])
+    cores = [Rect(b.y0 + 3, b.x0 + 3, b.h, b.w) for b in tiles]
+    reply = reduce_requests([group_norm_partial(padded, c, 4) for c in cores])
     flat = x.reshape(2, 4, -1)
     torch.testing.assert_close(reply.mean, flat.mean(-1), rtol=1e-7, atol=0)
     torch.testing.assert_close(reply.var, flat.var(-1, unbiased=False), rtol=1e-3, atol=0)
@@ -151,9 +152,9 @@ def test_split_tiles_golden() -> None:
     specs = split_tiles(120, 176, tile=64, pad=20, align=8)
     rows = [(0, 64, 0, 88), (64, 56, 40, 80)]
     cols = [(0, 64, 0, 88), (64, 64, 40, 112), (128, 48, 104, 72)]
-    expected = [(Box(r[0], c[0], r[1], c[1]), Box(r[2], c[2], r[3], c[3])) for r in rows for c in cols]
+    expected = [(Rect(r[0], c[0], r[1], c[1]), Rect(r[2], c[2], r[3], c[3])) for r in rows for c in cols]
     assert [(s.core, s.window) for s in specs] == expected
-    assert specs[4].core_in_window == Box(24, 24, 56, 64)
+    assert specs[4].core_in_window == Rect(24, 24, 56, 64)
 
 
 def test_geometry_errors() -> None:
@@ -167,10 +168,10 @@ def test_geometry_errors() -> None:
         split_tiles(64, 64, tile=16, pad=0, align=0)
     with pytest.raises(ValueError, match="image size"):
         split_tiles(0, 64, tile=16, pad=0, align=1)
-    with pytest.raises(ValueError, match="box size"):
-        Box(0, 0, 0, 4)
+    with pytest.raises(ValueError, match="rect size"):
+        Rect(0, 0, 0, 4)
     with pytest.raises(ValueError, match="does not scale"):
-        Box(0, 4, 6, 6).scale(1, 4)
+        Rect(0, 4, 6, 6).scale(1, 4)
     specs = split_tiles(16, 16, tile=8, pad=0, align=1)
     with pytest.raises(ValueError, match="expected size"):
         stitch([torch.zeros(1, 3, 8, 8)] * 4, specs, (1, 3, 32, 32), 2)
@@ -237,7 +238,7 @@ def test_taef2_tiled_decode_matches_untiled_and_per_tile_stats_do_not(tiny_vae, 
     assert diff < TOL
 
     specs = split_tiles(15, 53, tile=14, pad=tiny_vae.decode_halo, align=1)
-    assert len(specs) == 8 and specs[-1].core == Box(8, 42, 7, 11)
+    assert len(specs) == 8 and specs[-1].core == Rect(8, 42, 7, 11)
     programs = [tiny_vae.decode_program(s.window.cut(latents), s.core_in_window) for s in specs]
     local = stitch(run_with_local_replies(programs, (GroupNormPartial,)), specs, untiled.shape, 8)
     local_diff = float((local - untiled).abs().max())
@@ -346,12 +347,12 @@ def test_kl_unsupported_options_raise(kl_vae: KLVae) -> None:
     vae.decoder.up_blocks[0].resnets[0].time_emb_proj = nn.Linear(4, 16)
     window = torch.zeros(1, 4, 8, 8)
     with pytest.raises(NotImplementedError, match="time embedding"):
-        KLVae(vae).decode_program(window, Box(0, 0, 8, 8))
+        KLVae(vae).decode_program(window, Rect(0, 0, 8, 8))
     vae = copy.deepcopy(kl_vae.vae)
     vae.encoder.mid_block.attentions[0].spatial_norm = nn.Identity()
     with pytest.raises(NotImplementedError, match="spatial norm"):
-        KLVae(vae).encode_program(torch.zeros(1, 3, 32, 32), Box(0, 0, 32, 32))
+        KLVae(vae).encode_program(torch.zeros(1, 3, 32, 32), Rect(0, 0, 32, 32))
     with pytest.raises(NotImplementedError, match="training mode"):
-        KLVae(copy.deepcopy(kl_vae.vae).train()).decode_program(window, Box(0, 0, 8, 8))
+        KLVae(copy.deepcopy(kl_vae.vae).train()).decode_program(window, Rect(0, 0, 8, 8))
     with pytest.raises(ValueError, match="multiple of the VAE scale factor 4"):
         tiled_encode(kl_vae, torch.zeros(1, 3, 30, 32))

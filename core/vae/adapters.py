@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from core.tiling.rect import Rect
 from core.vae import kl_programs, taef2
-from core.vae.tiled import Box, TileProgram, halo_radius
+from core.vae.tiled import TileProgram, halo_radius
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -69,11 +70,11 @@ class TinyVae:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(self._to_raw(latents)).float().clamp(0.0, 1.0).contiguous()
 
-    def encode_program(self, window: torch.Tensor, core: Box) -> TileProgram:
+    def encode_program(self, window: torch.Tensor, core: Rect) -> TileProgram:
         program = taef2.encoder_program(self.encoder, self._place(window, self.encoder), core)
         return _then(program, lambda z: ((z.float() - self.shift) * self.scale).contiguous())
 
-    def decode_program(self, window: torch.Tensor, core: Box) -> TileProgram:
+    def decode_program(self, window: torch.Tensor, core: Rect) -> TileProgram:
         program = taef2.decoder_program(self.decoder, self._to_raw(window), core)
         return _then(program, lambda images: images.float().clamp(0.0, 1.0).contiguous())
 
@@ -111,11 +112,11 @@ class KLVae:
         images = self.vae.decode(self._to_raw(latents)).sample
         return ((images.float() + 1) / 2).clamp(0.0, 1.0)
 
-    def encode_program(self, window: torch.Tensor, core: Box) -> TileProgram:
+    def encode_program(self, window: torch.Tensor, core: Rect) -> TileProgram:
         program = kl_programs.encoder_program(self.vae, self._place(window.float() * 2 - 1), core)
         return _then(program, self._to_model)
 
-    def decode_program(self, window: torch.Tensor, core: Box) -> TileProgram:
+    def decode_program(self, window: torch.Tensor, core: Rect) -> TileProgram:
         program = kl_programs.decoder_program(self.vae, self._to_raw(window), core)
         return _then(program, lambda images: ((images.float() + 1) / 2).clamp(0.0, 1.0))
 

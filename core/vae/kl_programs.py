@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.vae.tiled import AttentionGlobal, AttentionPartial, Box, TileProgram, group_norm_step
+from core.tiling.rect import Rect
+from core.vae.tiled import AttentionGlobal, AttentionPartial, TileProgram, group_norm_step
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -136,7 +137,7 @@ def decoder_ops(vae: AutoencoderKL) -> list[str]:
 # --- generator forward ---------------------------------------------------------------------------
 
 
-def _resnet(resnet: nn.Module, x: torch.Tensor, core: Box) -> TileProgram:
+def _resnet(resnet: nn.Module, x: torch.Tensor, core: Rect) -> TileProgram:
     """ResnetBlock2D without temb: (shortcut(x) + conv2(act(norm2(conv1(act(norm1(x))))))) / osf."""
     h = yield from group_norm_step(x, core, resnet.norm1)
     h = resnet.conv1(resnet.nonlinearity(h))
@@ -146,7 +147,7 @@ def _resnet(resnet: nn.Module, x: torch.Tensor, core: Box) -> TileProgram:
     return (skip + h) / resnet.output_scale_factor
 
 
-def _attention(attn: nn.Module, x: torch.Tensor, core: Box) -> TileProgram:
+def _attention(attn: nn.Module, x: torch.Tensor, core: Rect) -> TileProgram:
     """Spatial self-attention (AttnProcessor2_0) with the keys and values of the whole image."""
     residual = x
     b, c, h, w = x.shape
@@ -173,7 +174,7 @@ def _attention(attn: nn.Module, x: torch.Tensor, core: Box) -> TileProgram:
     return out / attn.rescale_output_factor
 
 
-def _mid_block(mid: nn.Module, x: torch.Tensor, core: Box) -> TileProgram:
+def _mid_block(mid: nn.Module, x: torch.Tensor, core: Rect) -> TileProgram:
     x = yield from _resnet(mid.resnets[0], x, core)
     for attn, resnet in zip(mid.attentions, mid.resnets[1:], strict=True):
         if attn is not None:
@@ -182,7 +183,7 @@ def _mid_block(mid: nn.Module, x: torch.Tensor, core: Box) -> TileProgram:
     return x
 
 
-def _encoder_program(vae: AutoencoderKL, x: torch.Tensor, core: Box) -> TileProgram:
+def _encoder_program(vae: AutoencoderKL, x: torch.Tensor, core: Rect) -> TileProgram:
     enc = vae.encoder
     x = enc.conv_in(x)
     for block in enc.down_blocks:
@@ -202,7 +203,7 @@ def _encoder_program(vae: AutoencoderKL, x: torch.Tensor, core: Box) -> TileProg
     return core.cut(mean)
 
 
-def _decoder_program(vae: AutoencoderKL, z: torch.Tensor, core: Box) -> TileProgram:
+def _decoder_program(vae: AutoencoderKL, z: torch.Tensor, core: Rect) -> TileProgram:
     dec = vae.decoder
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
@@ -220,13 +221,13 @@ def _decoder_program(vae: AutoencoderKL, z: torch.Tensor, core: Box) -> TileProg
     return core.cut(x)
 
 
-def encoder_program(vae: AutoencoderKL, window: torch.Tensor, core: Box) -> TileProgram:
+def encoder_program(vae: AutoencoderKL, window: torch.Tensor, core: Rect) -> TileProgram:
     """Tile program: image window [B, 3, h, w] in [-1, 1] (module dtype) -> raw latent mean of the core."""
     check_supported(vae)
     return _encoder_program(vae, window, core)
 
 
-def decoder_program(vae: AutoencoderKL, window: torch.Tensor, core: Box) -> TileProgram:
+def decoder_program(vae: AutoencoderKL, window: torch.Tensor, core: Rect) -> TileProgram:
     """Tile program: raw latent window [B, C, h, w] -> the core's pixels in [-1, 1] (unclamped)."""
     check_supported(vae)
     return _decoder_program(vae, window, core)

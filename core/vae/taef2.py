@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from core.vae.tiled import Box, TileProgram, group_norm_step, halo_radius
+from core.tiling.rect import Rect
+from core.vae.tiled import TileProgram, group_norm_step, halo_radius
 
 LATENT_CHANNELS = 32
 WIDTH = 64
@@ -162,7 +163,7 @@ def layer_ops(layers: nn.Sequential) -> list[str]:
     return ops
 
 
-def _block_program(block: Block, x: torch.Tensor, core: Box) -> TileProgram:
+def _block_program(block: Block, x: torch.Tensor, core: Rect) -> TileProgram:
     if block.pool is not None:
         h = block.pool[0](x)
         h = yield from group_norm_step(h, core, block.pool[1])
@@ -170,7 +171,7 @@ def _block_program(block: Block, x: torch.Tensor, core: Box) -> TileProgram:
     return block.fuse(block.conv(x) + block.skip(x))
 
 
-def _sequential_program(layers: nn.Sequential, x: torch.Tensor, core: Box) -> TileProgram:
+def _sequential_program(layers: nn.Sequential, x: torch.Tensor, core: Rect) -> TileProgram:
     for layer in layers:
         if isinstance(layer, Block):
             x = yield from _block_program(layer, x, core)
@@ -183,14 +184,14 @@ def _sequential_program(layers: nn.Sequential, x: torch.Tensor, core: Box) -> Ti
     return core.cut(x)
 
 
-def encoder_program(encoder: Taef2Encoder, window: torch.Tensor, core: Box) -> TileProgram:
+def encoder_program(encoder: Taef2Encoder, window: torch.Tensor, core: Rect) -> TileProgram:
     """Tile program of the encoder: window [B, 3, h, w] (origin on the /8 grid) -> core latents."""
     if window.shape[-2] % 8 or window.shape[-1] % 8:
         raise ValueError(f"encoder windows must be multiples of 8, got {tuple(window.shape[-2:])}")
     return _sequential_program(encoder, window, core)
 
 
-def decoder_program(decoder: Taef2Decoder, window: torch.Tensor, core: Box) -> TileProgram:
+def decoder_program(decoder: Taef2Decoder, window: torch.Tensor, core: Rect) -> TileProgram:
     """Tile program of the decoder: latent window [B, 32, h, w] -> core pixels [B, 3, 8 h_c, 8 w_c]."""
     return _sequential_program(decoder, window, core)
 

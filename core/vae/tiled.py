@@ -42,44 +42,19 @@ from typing import Protocol
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class Box:
-    """A rectangle of pixels: rows [y0, y0 + h), columns [x0, x0 + w)."""
-
-    y0: int
-    x0: int
-    h: int
-    w: int
-
-    def __post_init__(self) -> None:
-        if self.y0 < 0 or self.x0 < 0:
-            raise ValueError(f"box origin must be >= 0, got ({self.y0}, {self.x0})")
-        if self.h < 1 or self.w < 1:
-            raise ValueError(f"box size must be >= 1, got ({self.h}, {self.w})")
-
-    def scale(self, num: int, den: int = 1) -> Box:
-        """The same region at a resolution num/den times this one; every edge must land on a pixel."""
-        edges = [self.y0, self.x0, self.h, self.w]
-        if any(e * num % den for e in edges):
-            raise ValueError(f"box {self} does not scale by {num}/{den} onto whole pixels")
-        return Box(*(e * num // den for e in edges))
-
-    def cut(self, x: torch.Tensor) -> torch.Tensor:
-        """x[..., rows, cols] of this box (a view)."""
-        return x[..., self.y0 : self.y0 + self.h, self.x0 : self.x0 + self.w]
+from core.tiling.rect import Rect
 
 
 @dataclass(frozen=True)
 class TileSpec:
     """One tile: its core (the pixels it owns) and its padded window, both in input pixels."""
 
-    core: Box
-    window: Box
+    core: Rect
+    window: Rect
 
     @property
-    def core_in_window(self) -> Box:
-        return Box(self.core.y0 - self.window.y0, self.core.x0 - self.window.x0, self.core.h, self.core.w)
+    def core_in_window(self) -> Rect:
+        return Rect(self.core.y0 - self.window.y0, self.core.x0 - self.window.x0, self.core.h, self.core.w)
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,15 +103,15 @@ class TiledVae(Protocol):
     encode_halo: int  # receptive-field radius of the encoder, in image pixels
     decode_halo: int  # receptive-field radius of the decoder, in latent pixels
 
-    def encode_program(self, window: torch.Tensor, core: Box) -> TileProgram: ...
+    def encode_program(self, window: torch.Tensor, core: Rect) -> TileProgram: ...
 
-    def decode_program(self, window: torch.Tensor, core: Box) -> TileProgram: ...
+    def decode_program(self, window: torch.Tensor, core: Rect) -> TileProgram: ...
 
 
 # --- GroupNorm with global statistics ------------------------------------------------------------
 
 
-def group_norm_partial(x: torch.Tensor, core: Box, num_groups: int) -> GroupNormPartial:
+def group_norm_partial(x: torch.Tensor, core: Rect, num_groups: int) -> GroupNormPartial:
     """Shifted sums over the core of x [B, C, h, w]: with m the tile mean (float32), d1 = sum(x - m)
     and d2 = sum((x - m)^2), we send total = n m + d1 and total_sq = d2 + 2 m d1 + n m^2 in float64."""
     xs = core.cut(x)
@@ -167,7 +142,7 @@ def apply_group_norm(x: torch.Tensor, stats: GroupNormGlobal, norm: nn.GroupNorm
     return y.to(x.dtype)
 
 
-def group_norm_step(x: torch.Tensor, core: Box, norm: nn.GroupNorm) -> TileProgram:
+def group_norm_step(x: torch.Tensor, core: Rect, norm: nn.GroupNorm) -> TileProgram:
     """One exact GroupNorm inside a tile program: `x = yield from group_norm_step(x, core, norm)`."""
     reply = yield group_norm_partial(x, core, norm.num_groups)
     if not isinstance(reply, GroupNormGlobal):
@@ -258,7 +233,7 @@ def split_tiles(height: int, width: int, *, tile: int, pad: int, align: int) -> 
         wy0, wh = window(y0, h, height)
         for x0, w in _spans(width, tile, align):
             wx0, ww = window(x0, w, width)
-            specs.append(TileSpec(core=Box(y0, x0, h, w), window=Box(wy0, wx0, wh, ww)))
+            specs.append(TileSpec(core=Rect(y0, x0, h, w), window=Rect(wy0, wx0, wh, ww)))
     return specs
 
 

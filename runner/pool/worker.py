@@ -32,7 +32,7 @@ import torch
 from core.models.backbone import Cond
 from core.models.loading import LoadedModel, ModelSpec, load_model
 from core.rope.spec import RopeSpec
-from core.vae.tiled import Box
+from core.tiling.rect import Rect
 
 
 class ViewTooLargeError(RuntimeError):
@@ -283,7 +283,7 @@ class ModelWorker:
 
     @exclusive
     def vae_start(
-        self, job: str, op: str, tiles: list[tuple[int, torch.Tensor, Box]]
+        self, job: str, op: str, tiles: list[tuple[int, torch.Tensor, Rect]]
     ) -> tuple[str, list[tuple[int, object]]]:
         """Start tile programs (op "encode" or "decode") for the tiles given and run them to their
         first reduction request: ("request", [(tile, request)]) or, with no reduction, ("done", outputs)."""
