@@ -7,8 +7,13 @@ Methods: bicubic; single-phase tiled img2img (MultiDiffusion tiles, no skip, no 
 progressive method (2 phases, skip residual, dilated global views), the same plus the FFT low-pass
 blend of a downscaled refinement pass; quadtree tiles (Mixture of Diffusers weights) with exact
 per-tile denoise and skip residual. Per image and method: PSNR and SSIM (luminance) against
-the original, the high-frequency energy ratio to the original (1 = as much fine detail), and the
-seam score on the last phase's tile borders (gradient energy on borders / interior; 1 = invisible).
+the original, LPIPS-Alex v0.1 against the original (Zhang et al. 2018; lower = closer), the
+high-frequency energy ratio to the original (1 = as much fine detail), and the seam score on the
+last phase's tile borders (gradient energy on borders / interior; 1 = invisible).
+LPIPS needs torchvision's AlexNet checkpoint (runner/perceptual.py): from --lpips-backbone PATH
+(then required: the run stops before any work if it is missing or its SHA-256 differs), else from
+the torch hub cache; without it the column is null and the result says why ("lpips": {"measured":
+false, "reason": ...}), never a number from random weights.
 Originals are centre-cropped to multiples of 64 px so the x4 downsample lands on whole latent
 tokens (recorded per image). Runs in process: quality does not depend on how views are fanned out.
 """
@@ -33,6 +38,7 @@ from core.upscale.resize import resize_image  # noqa: E402
 from core.upscale.skip_residual import SkipResidual  # noqa: E402
 from runner.artifacts import read_image, write_png  # noqa: E402
 from runner.context import JobArtifacts, JobContext, LocalModelPool  # noqa: E402
+from runner.perceptual import LpipsColumn, LpipsUnavailableError, lpips_column  # noqa: E402
 from tasks.upscale import run  # noqa: E402
 from tasks.upscale_config import (  # noqa: E402
     CoherenceConfig,
@@ -85,13 +91,17 @@ def crop_to(image: torch.Tensor, multiple: int) -> torch.Tensor:
     return image[..., top : top + nh, left : left + nw]
 
 
-def score(result: torch.Tensor, original: torch.Tensor, boxes: list[list[int]]) -> dict[str, float]:
+def score(
+    result: torch.Tensor, original: torch.Tensor, boxes: list[list[int]], lpips: LpipsColumn
+) -> dict[str, float | None]:
     h, w = original.shape[-2:]
     mask = border_mask_from_boxes(h, w, [tuple(b) for b in boxes], width_px=1) if boxes else None
     has_border = mask is not None and bool(mask.any()) and not bool(mask.all())
+    distance = lpips.score(result, original)  # None when LPIPS is not measured
     return {
         "psnr": round(psnr(result, original), 3),
         "ssim": round(ssim(result, original), 4),
+        "lpips": round(distance, 4) if distance is not None else None,
         "hf_ratio": round(high_frequency_ratio(result, original), 4),
         "seam": round(seam_score(result, mask), 4) if has_border else None,
     }
@@ -106,8 +116,14 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--name", default="upscale_quality")
     p.add_argument("--keep", default="", help="folder to keep the upscaled PNGs in")
+    p.add_argument("--lpips-backbone", default=None, help="torchvision's alexnet-owt-7be5be79.pth (required)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:  # before any work: a named backbone that does not resolve stops the run
+        lpips = lpips_column(args.lpips_backbone, required=args.lpips_backbone is not None)
+    except LpipsUnavailableError as err:
+        raise SystemExit(str(err)) from None
+    print("lpips:", "measured" if lpips.measured else f"not measured ({lpips.weights.reason})", flush=True)
     spec = (
         ModelSpec(kind="reference") if args.model == "reference" else ModelSpec(kind="random", shape="tiny")
     )
@@ -134,11 +150,12 @@ def main() -> None:
             last = [k for k in ctx.artifacts.records if k.startswith("phase") and "/" not in k][-1]
             boxes = [[y * 8, x * 8, hh * 8, ww * 8] for y, x, hh, ww in ctx.artifacts.records[last]["tiles"]]
             grid_boxes = grid_boxes or (boxes if name == "progressive" else [])
-            row[name] = {**score(result, original, boxes), "seconds": round(time.perf_counter() - start, 1)}
+            seconds = round(time.perf_counter() - start, 1)
+            row[name] = {**score(result, original, boxes, lpips), "seconds": seconds}
             if args.keep:
                 write_png(work / f"{path.stem}_{name}.png", result)
         bicubic = resize_image(low, (h, w), "bicubic")
-        row["bicubic"] = score(bicubic, original, grid_boxes)
+        row["bicubic"] = score(bicubic, original, grid_boxes, lpips)
         rows.append(row)
         print(
             path.name,
@@ -149,7 +166,7 @@ def main() -> None:
     for m in ("bicubic", *METHODS):
         vals = {
             k: [r[m][k] for r in rows if r[m].get(k) is not None]
-            for k in ("psnr", "ssim", "hf_ratio", "seam")
+            for k in ("psnr", "ssim", "lpips", "hf_ratio", "seam")
         }
         summary[m] = {k: round(sum(v) / len(v), 4) if v else None for k, v in vals.items()}
     result = {
@@ -158,6 +175,7 @@ def main() -> None:
         "model": dataclasses.asdict(spec),
         "steps": args.steps,
         "methods": {k: dataclasses.asdict(v) for k, v in methods(spec, "<low>", args.steps).items()},
+        "lpips": lpips.record(),
         "mean": summary,
         "images": rows,
         "wall_s": round(time.perf_counter() - started, 1),
