@@ -82,12 +82,20 @@ def import_lpips(location: str | None, scratch: Path):
 
 
 def lpips_to_tessera(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """lpips.LPIPS state dict -> LpipsAlex keys: net.sliceK.N.* -> features.N.*; scaling buffers dropped."""
+    """lpips.LPIPS state dict -> LpipsAlex keys: net.sliceK.N.* -> features.N.*, linK.* as is.
+
+    The package also lists its heads under `lins.K.*` (a ModuleList of the same modules) and has the
+    scaling buffers; those aliases must equal `linK.*` and are dropped, like the buffers.
+    """
     out = {}
     for key, value in state.items():
         if key.startswith("net.slice"):
             _, _, index, param = key.split(".")
             out[f"features.{index}.{param}"] = value
+        elif key.startswith("lins."):
+            alias = "lin" + key.removeprefix("lins.")
+            if alias not in state or not torch.equal(state[alias], value):
+                raise ValueError(f"{key} is not the same tensor as {alias}")
         elif key.startswith("lin"):
             out[key] = value
         elif not key.startswith("scaling_layer."):

@@ -254,18 +254,24 @@ def test_torchvision_and_head_state_dicts_load_strictly(weights):
 
 def test_lpips_package_state_dict_maps_onto_the_module(weights):
     # The parity script copies lpips.LPIPS's state dict: its trunk is split into slices 1..5 at the
-    # torchvision indices [0, 2), [2, 5), [5, 8), [8, 10), [10, 12), heads and scaling buffers as is.
+    # torchvision indices [0, 2), [2, 5), [5, 8), [8, 10), [10, 12); heads (also as lins.K) and buffers.
     trunk, heads = weights
     slice_of = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
     package = {
         k.replace("features.", f"net.slice{slice_of[int(k.split('.')[1])]}."): v for k, v in trunk.items()
     }
+    aliases = {k.replace("lin", "lins.", 1): v for k, v in heads.items()}  # its ModuleList of the heads
     package |= {
         **heads,
+        **aliases,
         "scaling_layer.shift": torch.zeros(1, 3, 1, 1),
         "scaling_layer.scale": torch.ones(1, 3, 1, 1),
     }
     LpipsAlex().load_state_dict(lpips_to_tessera(package), strict=True)
+    with pytest.raises(
+        ValueError, match="lins.2.model.1.weight is not the same tensor as lin2.model.1.weight"
+    ):
+        lpips_to_tessera({**package, "lins.2.model.1.weight": torch.zeros(1, 384, 1, 1)})
     with pytest.raises(ValueError, match="unexpected key"):
         lpips_to_tessera({"net.features.0.weight": torch.zeros(1)})
 
