@@ -1,6 +1,7 @@
-"""The job types the runner knows: task name -> its config class and run function.
+"""The job types the runner knows: task name -> its config class, run function and pre-flight check.
 
-Imports are lazy so `tessera status` does not import torch and diffusers.
+Each is named as "module:attribute" and imported when first used, so `tessera status` does not
+import torch and diffusers.
 """
 
 from __future__ import annotations
@@ -11,23 +12,48 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 
+def _resolve(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @dataclass(frozen=True)
 class TaskEntry:
+    """One job type.
+
+    needs: "pool" (views fanned out to model workers) or "device" (one process that owns a GPU).
+    check: "" or a function of the config that checks what needs the filesystem (inputs exist and
+      are usable) before any work starts; it raises ValueError or FileNotFoundError naming the field.
+    """
+
     name: str
-    module: str
     config: str
-    needs: Literal["pool", "device"]  # pool: views fanned out to model workers; device: one GPU process
+    run: str
+    needs: Literal["pool", "device"]
+    check: str = ""
 
     def config_cls(self) -> type:
-        return getattr(importlib.import_module(self.module), self.config)
+        return _resolve(self.config)
 
     def run_fn(self) -> Callable[[Any, Any], Any]:
-        return importlib.import_module(self.module).run
+        return _resolve(self.run)
+
+    def check_fn(self) -> Callable[[Any], None] | None:
+        return _resolve(self.check) if self.check else None
 
 
 TASKS: dict[str, TaskEntry] = {
-    "upscale": TaskEntry("upscale", "tasks.upscale", "UpscaleConfig", "pool"),
+    "upscale": TaskEntry(
+        "upscale",
+        config="tasks.upscale_config:UpscaleConfig",
+        run="tasks.upscale:run",
+        needs="pool",
+        check="tasks.upscale_config:check",
+    ),
     "train_reference": TaskEntry(
-        "train_reference", "tasks.train_reference", "TrainReferenceConfig", "device"
+        "train_reference",
+        config="tasks.train_reference:TrainReferenceConfig",
+        run="tasks.train_reference:run",
+        needs="device",
     ),
 }

@@ -52,8 +52,7 @@ def versions() -> dict[str, str]:
 
 def check_job(job: Job) -> None:
     """Task-level checks that need the filesystem (inputs exist, sizes fit) before any work starts."""
-    module = importlib.import_module(job.task.module)
-    check = getattr(module, "check", None)
+    check = job.task.check_fn()
     if check is None:
         return
     try:

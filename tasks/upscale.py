@@ -44,7 +44,7 @@ from core.upscale.skip_residual import (
     stage_skip,
 )
 from tasks.context import UpscaleContext
-from tasks.upscale_config import UpscaleConfig, check  # noqa: F401  (check: the runner's pre-flight)
+from tasks.upscale_config import UpscaleConfig
 from tasks.upscale_plans import build_global_plan, build_local_plan, quadtree_image
 
 CHECKPOINT = "checkpoints/phase.safetensors"
