@@ -28,8 +28,9 @@ class DeviceContext(JobArtifacts):
 def configure_backends(device: torch.device) -> dict:
     """Process-wide backend choices for training, recorded in job.json.
 
-    cuDNN's SDPA backward fails on small Flux configurations (platform-notes.md §9: an illegal memory
-    access for 6 heads x 64 at 260 tokens), so it is off; flash and memory-efficient SDPA remain.
+    cuDNN's SDPA backward fails on small Flux configurations (an illegal memory access for 6 heads x
+    64 at 260 tokens, seen on an H100; docs/runner.md), so it is off; flash and memory-efficient SDPA
+    remain.
     """
     if device.type != "cuda":
         return {}
@@ -68,11 +69,14 @@ class DeviceTaskRunner:
 
 
 def run_device_task(job: Job, arts: JobArtifacts) -> tuple[Any, dict]:
+    """Run a device task in a one-GPU actor (released when it ends, fails or is interrupted), or here."""
     gpus = ray.cluster_resources().get("GPU", 0.0)
     if gpus >= 1:
         actor = ray.remote(DeviceTaskRunner).options(num_gpus=1, num_cpus=1).remote()
-        out = ray.get(actor.run.remote(job, str(arts.output), job.runner.tracking))
-        ray.kill(actor)
+        try:
+            out = ray.get(actor.run.remote(job, str(arts.output), job.runner.tracking))
+        finally:
+            ray.kill(actor)
     else:
         out = DeviceTaskRunner().run(job, str(arts.output), job.runner.tracking)
     arts.records.update(out["records"])
