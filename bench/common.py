@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: environment facts, timing statistics, result files."""
+"""Shared pieces of the benchmarks: environment facts, timing statistics, result files, and the
+benchmark worker (the production ModelWorker plus the measurements only benchmarks ask for)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,14 @@ import json
 import os
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from core.models.forward import forward_batch
+from runner.pool.worker import ModelWorker, exclusive
 from runner.timing import stats  # noqa: F401  (the benchmarks' timing statistics)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,3 +58,46 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / f"{name}.json").write_text(text)
     return path
+
+
+class BenchWorker(ModelWorker):
+    """A ModelWorker that also times bare forwards and resets its peak-memory counters; benchmarks
+    create their pools with it (`connect_pool(..., worker_cls=BenchWorker)`)."""
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    @exclusive
+    def time_forward(
+        self,
+        job: str,
+        shape: Sequence[int],
+        batch: int,
+        *,
+        warmup: int = 2,
+        reps: int = 5,
+        pause_s: float = 0.0,
+    ) -> dict:
+        """Bare forward times of `batch` views of `shape` [C, h, w] on this worker (the floor a job's
+        time is compared with): seconds per forward, synchronised, plus the peak memory of those
+        forwards. pause_s idles the device before each forward, as a tiled job's step barrier does."""
+        cond = self.conds[job]
+        backbone = self._loaded().backbone
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, *shape, generator=gen).to(self.device)
+        sigma = torch.full((batch,), 0.6, device=self.device)
+        self.reset_peak_memory()
+        times = []
+        for i in range(warmup + reps):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if pause_s > 0:
+                time.sleep(pause_s)
+            start = time.perf_counter()
+            forward_batch(backbone, cond, x, sigma, None)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        return {"times_s": times, **self.memory()}

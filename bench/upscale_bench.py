@@ -36,7 +36,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import environment, stats, write_result  # noqa: E402
+from bench.common import BenchWorker, environment, stats, write_result  # noqa: E402
 
 FLUX = {"kind": "random", "shape": "flux-dev"}
 QUIET = {"phase_images": False, "latent_stats": False, "compare_bicubic": False, "checkpoints": False}
@@ -63,9 +63,19 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="tessera-bench-"))
         self.env = environment()
 
+    def connect(self, pool_fields: dict, model: dict):
+        """The benchmark's pool, found or created with BenchWorker actors (time_forward and memory
+        resets), so the jobs run on the workers the floors are timed on."""
+        from core.models.loading import ModelSpec
+        from runner.config import PoolConfig
+        from runner.pool.pool import connect_pool
+
+        return connect_pool(PoolConfig(**pool_fields), ModelSpec(**model), worker_cls=BenchWorker)
+
     def job(self, name: str, fields: dict, overrides: list[str]) -> dict:
         from runner.run import run_job
 
+        self.connect(fields["pool"], fields["model"])  # before the job: a pool of BenchWorkers
         path = self.tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump({"task": "upscale", "output": str(self.tmp / name), **fields}))
         outcome = run_job(path, overrides)[-1]
@@ -91,12 +101,10 @@ class Bench:
     def floor(self, shape_px: int, batch: int, reps: int = 5, warmup: int = 2, pause_s: float = 0.0) -> dict:
         import ray
 
-        from core.models.loading import ModelSpec
         from runner.config import PoolConfig
-        from runner.pool.pool import connect_pool
         from runner.pool.ray_pool import RayModelPool
 
-        pool = connect_pool(PoolConfig(**self.pool_fields(1)), ModelSpec(**self.model))
+        pool = self.connect(self.pool_fields(1), self.model)
         rp = RayModelPool(pool, PoolConfig(**self.pool_fields(1)), job="floor")
         rp.cond()
         lat = shape_px // 8
@@ -133,11 +141,7 @@ class Bench:
     def max_batch(self, shape_px: int) -> int:
         import ray
 
-        from core.models.loading import ModelSpec
-        from runner.config import PoolConfig
-        from runner.pool.pool import connect_pool
-
-        pool = connect_pool(PoolConfig(**self.pool_fields(1)), ModelSpec(**self.model))
+        pool = self.connect(self.pool_fields(1), self.model)
         lat = shape_px // 8
         return ray.get(pool.workers[0].max_batch.remote((16 if not self.small else 32, lat, lat)))
 
@@ -272,9 +276,7 @@ def run_phase(b: Bench, workers: list[int]) -> dict:
 def run_whole(b: Bench) -> dict:
     import ray
 
-    from core.models.loading import ModelSpec
     from runner.config import PoolConfig
-    from runner.pool.pool import connect_pool
     from runner.pool.ray_pool import RayModelPool
 
     image = synthetic_image(b.tmp / "in1024.png", b.px(1024))
@@ -289,7 +291,7 @@ def run_whole(b: Bench) -> dict:
     record, floor_info = b.floor_around(lambda: b.job("whole", fields, []))
     floor = floor_info["median_s"]
     # The direct generation: 28 full-frame forwards at 4096 px (one view per step), timed over a few.
-    pool = connect_pool(PoolConfig(**b.pool_fields(1)), ModelSpec(**b.model))
+    pool = b.connect(b.pool_fields(1), b.model)
     rp = RayModelPool(pool, PoolConfig(**b.pool_fields(1)), job="direct")
     rp.cond()
     lat = b.px(4096) // 8
@@ -359,18 +361,16 @@ def run_oom(b: Bench) -> dict:
     """Cap a worker's memory below what its batches need; the batches split and job.json says so."""
     import ray
 
-    from core.models.loading import ModelSpec
     from runner.config import PoolConfig
-    from runner.pool.pool import connect_pool, shutdown_pool
+    from runner.pool.pool import shutdown_pool
     from runner.pool.ray_pool import RayModelPool
 
     # The Flux.1-dev transformer on TAEF2 latents: the VAE's full-resolution activations (9.5 GiB for a
     # 2048 px decode with Flux's AutoencoderKL, measured) would otherwise need more memory than any
     # batch of views, and no cap could make a batch fail while the VAE still fits.
     model = {**b.model, "vae": "taef2"}
-    spec = ModelSpec(**model)
     release_pool("bench")  # free the GPUs the other measurements' workers hold
-    pool = connect_pool(PoolConfig(**b.pool_fields(1, name="oom-probe")), spec)
+    pool = b.connect(b.pool_fields(1, name="oom-probe"), model)
     rp = RayModelPool(pool, PoolConfig(**b.pool_fields(1, name="oom-probe")), job="probe")
     rp.cond()
     w = pool.workers[0]

@@ -33,11 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import environment, write_result  # noqa: E402
 from core.eval.metrics import border_mask_from_boxes, high_frequency_ratio, psnr, seam_score, ssim  # noqa: E402
-from core.models.loading import ModelSpec, load_model  # noqa: E402
+from core.models.loading import ModelSpec  # noqa: E402
 from core.upscale.resize import resize_image  # noqa: E402
 from core.upscale.skip_residual import SkipResidual  # noqa: E402
 from runner.artifacts import read_image, write_png  # noqa: E402
 from runner.context import JobArtifacts, JobContext, LocalModelPool  # noqa: E402
+from runner.models import load_model  # noqa: E402
 from runner.perceptual import LpipsColumn, LpipsUnavailableError, lpips_column  # noqa: E402
 from tasks.upscale import run  # noqa: E402
 from tasks.upscale_config import (  # noqa: E402

@@ -16,6 +16,8 @@ from core.models.backbone import Cond
 from core.models.forward import evaluate_in_process
 from core.models.loading import LoadedModel
 from core.tiling.views import ViewInput
+from core.vae.lockstep import in_process, run_tiled
+from core.vae.tiled import VaeOp, plan_tiles
 from runner import artifacts
 from runner.tracking import Tracker
 
@@ -113,18 +115,20 @@ class JobArtifacts:
 
 
 class LocalModelPool:
-    """A model held by this process: the in-process fan-out, used by tests and by `device` tasks."""
+    """A model held by this process: the in-process fan-out, used by tests and by `device` tasks. It
+    runs the same per-batch forward and the same tiled-VAE round loop as the Ray pool."""
 
     def __init__(self, model: LoadedModel, *, max_batch: int = 4) -> None:
         self.model = model
         self.max_batch = max_batch
-        backbone = model.backbone
-        self.latent_channels = backbone.latent_channels
-        self.native_size = backbone.native_size
-        self.vae_scale_factor = model.vae.scale_factor
+        self.meta = model.meta
+        self.latent_channels = self.meta.latent_channels
+        self.native_size = self.meta.native_size
+        self.vae_scale_factor = self.meta.vae.scale_factor
         self._cond: Cond | None = None
         self.model_s = 0.0
         self.views = 0
+        self.vae_rounds = 0
 
     def cond(self) -> Cond:
         if self._cond is None:
@@ -139,24 +143,25 @@ class LocalModelPool:
         return out
 
     def encode(self, images: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
-        from core.vae.tiled import tiled_encode
-
-        with torch.no_grad():
-            return tiled_encode(self.model.vae, images, tile=tile) if tile else self.model.vae.encode(images)
+        return self._vae("encode", images, tile)
 
     def decode(self, latents: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
-        from core.vae.tiled import tiled_decode
+        return self._vae("decode", latents, tile)
 
-        f = self.vae_scale_factor
-        with torch.no_grad():
-            if tile:
-                return tiled_decode(self.model.vae, latents, tile=max(1, tile // f))
-            return self.model.vae.decode(latents)
+    def _vae(self, op: VaeOp, tensor: torch.Tensor, tile: int) -> torch.Tensor:
+        vae = self.model.vae
+        if not tile:
+            with torch.no_grad():
+                return vae.encode(tensor) if op == "encode" else vae.decode(tensor)
+        result = run_tiled(plan_tiles(op, tensor.shape, self.meta.vae, tile_px=tile), tensor, in_process(vae))
+        self.vae_rounds += result.rounds
+        return result.output
 
     def summary(self) -> dict:
         return {
             "views": self.views,
             "model_s": round(self.model_s, 4),
+            "vae_reduction_rounds": self.vae_rounds,
             "workers": [{"index": 0, "in_process": True}],
         }
 

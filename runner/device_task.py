@@ -12,6 +12,7 @@ import torch
 
 from runner.config import Job, TrackingConfig
 from runner.context import JobArtifacts
+from runner.models import WEIGHTS
 from runner.tracking import Tracker
 
 
@@ -23,6 +24,7 @@ class DeviceContext(JobArtifacts):
     ) -> None:
         super().__init__(output, tracker, stream)
         self.device = device
+        self.weights = WEIGHTS
 
 
 def configure_backends(device: torch.device) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from core.models.backbone import Cond
+from core.models.loading import WeightFolders
 from core.tiling.views import ViewInput
 
 
@@ -101,6 +102,11 @@ class UpscaleContext(Artifacts, ModelPool, Protocol):
 
 
 class TrainContext(Artifacts, Protocol):
-    """A training task runs in one process that owns `device`."""
+    """A training task runs in one process that owns `device`.
+
+    weights: the folders of the repository's own weights (TAEF2, the reference model), as the
+    runner resolved them (runner/models.py).
+    """
 
     device: torch.device
+    weights: WeightFolders

@@ -291,7 +291,7 @@ def run(cfg: TrainReferenceConfig, ctx: TrainContext) -> TrainReferenceResult:
     with ctx.timer("load_images"):
         train_images = [im.to(device) for im in load_images(cfg.train_dir)]
         eval_images = [im.to(device) for im in load_images(cfg.eval_dir)]
-    encoder, decoder = (m.to(device).requires_grad_(False) for m in load_taef2())
+    encoder, decoder = (m.to(device).requires_grad_(False) for m in load_taef2(ctx.weights.taef2))
     crops = _Crops(cfg, encoder, device)
 
     model = build_reference(cfg.seed, model_config(cfg)).to(device).train()

@@ -8,6 +8,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from core.models.backbone import Cond
+from core.models.build import build_seeded
 from core.models.flux import (
     FluxBackbone,
     load_flux_transformer,
@@ -21,10 +22,8 @@ pytestmark = pytest.mark.cpu
 
 
 def tiny(guidance: bool = False, channels: int = 4) -> FluxTransformer2DModel:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        cfg = {**tiny_flux_config(channels), "guidance_embeds": guidance}
-        return FluxTransformer2DModel(**cfg).eval()
+    cfg = {**tiny_flux_config(channels), "guidance_embeds": guidance}
+    return build_seeded(lambda: FluxTransformer2DModel(**cfg), 0).eval()
 
 
 def cond(model: FluxTransformer2DModel, guidance: float | None = None) -> Cond:

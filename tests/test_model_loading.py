@@ -8,9 +8,11 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from safetensors.torch import save_file
 
+from core.models.build import build_seeded
 from core.models.flux import tiny_flux_config
-from core.models.loading import ModelSpec, load_model
+from core.models.loading import ModelSpec
 from core.models.text import load_prompt_embeds
+from runner.models import WEIGHTS, load_model, model_dtype
 
 pytestmark = pytest.mark.cpu
 
@@ -18,11 +20,12 @@ pytestmark = pytest.mark.cpu
 @pytest.fixture
 def flux_folder(tmp_path):
     """A diffusers Flux pipeline layout with a tiny transformer (guidance-distilled, like dev) and VAE."""
+    config = {**tiny_flux_config(4), "guidance_embeds": True}
+    build_seeded(lambda: FluxTransformer2DModel(**config), 0).save_pretrained(
+        tmp_path / "pipe" / "transformer"
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        FluxTransformer2DModel(**{**tiny_flux_config(4), "guidance_embeds": True}).save_pretrained(
-            tmp_path / "pipe" / "transformer"
-        )
         AutoencoderKL(
             block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
@@ -77,3 +80,35 @@ def test_missing_paths_are_clear_errors(tmp_path):
         load_model(ModelSpec(kind="flux", path=str(tmp_path / "nope")), "cpu")
     with pytest.raises(ValueError, match="model.path is required"):
         ModelSpec(kind="flux")
+
+
+def test_the_runner_decides_dtype_and_default_folders():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert model_dtype(ModelSpec(), cuda) == torch.bfloat16 and model_dtype(ModelSpec(), cpu) == torch.float32
+    assert model_dtype(ModelSpec(dtype="float16"), cpu) == torch.float16
+    assert WEIGHTS.reference.endswith("models/reference") and WEIGHTS.taef2.endswith("models/taef2")
+    model = load_model(ModelSpec(kind="random", shape="tiny", dtype="bfloat16"), "cpu")
+    assert next(model.backbone.transformer.parameters()).dtype == torch.bfloat16
+    assert next(model.vae.encoder.parameters()).dtype == torch.float32  # TAEF2 stays float32
+    assert model.meta.vae.scale_factor == 8 and model.meta.latent_channels == 32
+
+
+def test_seeded_builds_repeat_and_leave_the_rng_alone():
+    from core.models.build import build_random
+
+    config = tiny_flux_config(4)
+    state = torch.random.get_rng_state()
+    a = build_seeded(lambda: FluxTransformer2DModel(**config), 3)
+    b = build_seeded(lambda: FluxTransformer2DModel(**config), 3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    r = build_random(FluxTransformer2DModel, config, dtype=torch.float32, device="cpu", seed=3)
+    w = r.x_embedder.weight  # 16 inputs: std 1 / sqrt(16) = 0.25
+    assert w.std().item() == pytest.approx(0.25, rel=0.2) and r.x_embedder.bias.abs().max() == 0
+    assert not r.training and not w.requires_grad
+    assert torch.equal(
+        w,
+        build_random(
+            FluxTransformer2DModel, config, dtype=torch.float32, device="cpu", seed=3
+        ).x_embedder.weight,
+    )

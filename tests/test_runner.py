@@ -10,9 +10,11 @@ from core.models.forward import evaluate_in_process
 from core.models.loading import ModelSpec
 from core.tiling.views import ViewInput
 from runner.config import PoolConfig
+from runner.models import load_model
 from runner.pool.dispatch import Dispatcher
 from runner.pool.pool import PoolError, WorkerPool, connect_pool, shutdown_pool
 from runner.pool.ray_pool import RayModelPool
+from runner.pool.transport import from_wire, to_wire
 
 pytestmark = pytest.mark.cpu
 TINY = ModelSpec(kind="random", shape="tiny")
@@ -97,13 +99,12 @@ def test_dispatcher_bounds_in_flight_and_requeues_a_dead_workers_batch(pool3):
 
 
 def test_tiled_vae_over_the_pool_equals_in_process(pool3):
-    from core.models.loading import load_model
-    from core.vae.tiled import tiled_decode
+    from core.vae.lockstep import tiled_decode
 
     local = load_model(TINY, "cpu")
     latents = torch.randn(1, 32, 20, 28, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        expected = tiled_decode(local.vae, latents, tile=8)
+        expected = tiled_decode(local.vae, latents, tile=64)
         untiled = local.vae.decode(latents)
     rp = RayModelPool(subset(pool3, 3), PoolConfig(name="eq"), job="vae")
     try:
@@ -119,22 +120,31 @@ def test_tiled_vae_over_the_pool_equals_in_process(pool3):
     assert rp.vae_rounds > 0
 
 
-def test_in_process_and_pool_batching_agree(pool3):
-    """The in-process evaluator batches exactly as the dispatcher does (same groups, same order)."""
+def test_in_process_and_pool_evaluate_agree_bitwise(pool3):
+    """The in-process evaluator batches exactly as the dispatcher does (same groups, same order) and
+    runs the same per-batch forward, in the views' dtype: the same velocities, bit for bit."""
     from core.tiling.views import plan_batches
 
     vs = views(7)
     assert plan_batches(vs, 3) == [[0, 2, 4], [6], [1, 3, 5]]
-    from core.models.loading import load_model
-
     local = load_model(TINY, "cpu")
-    out = evaluate_in_process(local.backbone, local.make_cond(), vs, max_batch=3)
-    assert [tuple(o.shape) for o in out] == [tuple(v.x.shape) for v in vs]
+    expected = evaluate_in_process(local.backbone, local.make_cond(), vs, max_batch=3)
+    rp = RayModelPool(subset(pool3, 2), PoolConfig(name="eq", max_batch=3), job="agree")
+    try:
+        out = rp.evaluate(vs)
+        half = rp.evaluate([ViewInput(v.x.bfloat16(), v.sigma) for v in vs])
+    finally:
+        rp.close()
+    assert torch.equal(flat(out), flat(expected))
+    assert all(v.dtype == torch.bfloat16 for v in half)  # the velocity keeps the views' dtype over Ray
+    bf16 = evaluate_in_process(
+        local.backbone, local.make_cond(), [ViewInput(v.x.bfloat16(), v.sigma) for v in vs], max_batch=3
+    )
+    assert torch.equal(flat(half), flat(bf16))
 
 
 def test_oom_shrinks_the_batch_and_is_reported():
     """Fault injection: a backbone that runs out of memory above 2 views per forward."""
-    from core.models.loading import load_model
     from runner.pool.worker import ModelWorker, ViewTooLargeError
 
     worker = ModelWorker(0)
@@ -150,19 +160,17 @@ def test_oom_shrinks_the_batch_and_is_reported():
     worker.set_cond("j", worker.make_cond())
     x = torch.randn(5, 32, 8, 8)
     sigma = torch.full((5,), 0.5)
-    result = worker.velocity("j", x, sigma, None)
+    result = worker.velocity("j", to_wire(x), to_wire(sigma), None)
     assert result.oom_splits == [5, 3]
     with torch.no_grad():
-        torch.testing.assert_close(
-            torch.from_numpy(result.v), real(x, sigma, worker.conds["j"]), rtol=0, atol=1e-5
-        )
+        torch.testing.assert_close(from_wire(result.v), real(x, sigma, worker.conds["j"]), rtol=0, atol=1e-5)
 
     def never(x, sigma, cond, rope=None):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     worker.model.backbone.velocity = never
     with pytest.raises(ViewTooLargeError, match=r"shape \(32, 8, 8\) does not fit"):
-        worker.velocity("j", x[:1], sigma[:1], None)
+        worker.velocity("j", to_wire(x[:1]), to_wire(sigma[:1]), None)
 
 
 def test_oom_split_frees_the_failed_forward_first():
@@ -170,7 +178,6 @@ def test_oom_split_frees_the_failed_forward_first():
     the exception's traceback): on a GPU they would run out of memory as well (seen on an H200)."""
     import weakref
 
-    from core.models.loading import load_model
     from runner.pool.worker import ModelWorker
 
     worker = ModelWorker(0)
@@ -189,7 +196,7 @@ def test_oom_split_frees_the_failed_forward_first():
 
     worker.model.backbone.velocity = limited
     worker.set_cond("j", worker.make_cond())
-    result = worker.velocity("j", torch.randn(4, 32, 8, 8), torch.full((4,), 0.5), None)
+    result = worker.velocity("j", to_wire(torch.randn(4, 32, 8, 8)), to_wire(torch.full((4,), 0.5)), None)
     assert result.oom_splits == [4]
     assert failed and alive_during_halves == [False, False]
 
@@ -220,3 +227,14 @@ def test_timing_stats_golden():
     assert stats([0.2]) == {"median_s": 0.2, "min_s": 0.2, "max_s": 0.2, "iqr_s": 0.0, "n": 1}
     with pytest.raises(ValueError, match="at least one timing"):
         stats([])
+
+
+def test_transport_keeps_dtype_and_bits():
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        t = torch.randn(2, 3, 4, generator=g).to(dtype)
+        wire = to_wire(t)
+        back = from_wire(wire)
+        assert back.dtype == dtype and torch.equal(back, t) and wire.shape == (2, 3, 4)
+        back += 1  # writable, and its own memory
+        assert not torch.equal(back, t)

@@ -1,4 +1,4 @@
-"""Tiled VAE with exact GroupNorm statistics (core/vae/tiled.py, algorithms.md section 11).
+"""Tiled VAE with exact GroupNorm statistics (core/vae/tiled.py, core/vae/lockstep.py, docs/vae.md).
 
 Equivalences: tiled == untiled (up to float rounding) for TAEF2 with its real weights and for a
 tiny random AutoencoderKL with mid-block attention, compared against diffusers' own forward. The
@@ -22,20 +22,29 @@ from torch import nn
 from core.tiling.rect import Rect
 from core.vae import taef2
 from core.vae.adapters import KLVae, TinyVae, load_kl_vae
+from core.vae.lockstep import (
+    TileGroup,
+    TileInput,
+    in_process,
+    run_lockstep,
+    run_tiled,
+    tiled_decode,
+    tiled_encode,
+)
 from core.vae.tiled import (
     AttentionGlobal,
     AttentionPartial,
     GroupNormGlobal,
     GroupNormPartial,
+    VaeGeometry,
     group_norm_partial,
     halo_radius,
+    plan_tiles,
     reduce_requests,
-    run_lockstep,
     split_tiles,
     stitch,
-    tiled_decode,
-    tiled_encode,
 )
+from runner.models import WEIGHTS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -107,17 +116,45 @@ def test_reduce_attention_concatenates_in_tile_order_and_rejects_mixed_rounds() 
         reduce_requests([])
 
 
-def test_run_lockstep_rejects_programs_out_of_step() -> None:
-    def program(rounds: int):
+def test_run_lockstep_counts_rounds_and_rejects_programs_out_of_step() -> None:
+    def program(rounds: int, value: float):
         for _ in range(rounds):
             yield GroupNormPartial(torch.ones(1, 1), torch.ones(1, 1), torch.ones(1, 1))
-        return torch.zeros(1)
+        return torch.full((1,), value)
 
-    assert len(run_lockstep([program(2), program(2)])) == 2
+    def groups(*members: list[tuple[int, int]]):
+        held = [TileGroup([t for t, _ in m], [program(r, float(t)) for t, r in m]) for m in members]
+        return lambda reply: [g.advance(reply) for g in held]
+
+    # tiles 0..2 in two groups, listed out of order: outputs come back in tile order
+    outputs, rounds = run_lockstep(groups([(2, 3)], [(0, 3), (1, 3)]))
+    assert [float(o) for o in outputs] == [0.0, 1.0, 2.0] and rounds == 3
+    with pytest.raises(RuntimeError, match=r"out of step: tiles \[0\]"):
+        run_lockstep(groups([(0, 1)], [(1, 2)]))  # across groups
     with pytest.raises(RuntimeError, match="out of step"):
-        run_lockstep([program(1), program(2)])
-    with pytest.raises(ValueError, match="at least one"):
-        run_lockstep([])
+        run_lockstep(groups([(0, 1), (1, 2)]))  # inside one group
+    with pytest.raises(ValueError, match="one program per tile"):
+        TileGroup([], [])
+
+
+def test_tile_grouping_does_not_change_the_result(tiny_vae: TinyVae, photo: torch.Tensor) -> None:
+    """However the tiles are grouped (one group here, one per tile, or blocks as on the pool's
+    workers), the round loop reduces in tile order: the same image, bit for bit."""
+    latents = tiny_vae.encode(photo[..., :64, :192])  # 8 x 24
+    plan = plan_tiles("decode", latents.shape, VaeGeometry.of(tiny_vae), tile_px=64)
+    assert len(plan.specs) == 3
+
+    def blocks(size: int):
+        def fanout(op, inputs: list[TileInput]):
+            held = [TileGroup.start(tiny_vae, op, inputs[i : i + size]) for i in range(0, len(inputs), size)]
+            return lambda reply: [g.advance(reply) for g in reversed(held)]
+
+        return fanout
+
+    whole = run_tiled(plan, latents, in_process(tiny_vae))
+    assert whole.rounds == 3  # one per GroupNorm of the decoder: the pool branches of blocks 3-5
+    for size in (1, 2):
+        assert torch.equal(run_tiled(plan, latents, blocks(size)).output, whole.output), size
 
 
 # --- geometry ------------------------------------------------------------------------------------
@@ -204,7 +241,7 @@ def test_halo_radius_golden() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_vae() -> TinyVae:
-    return TinyVae(*taef2.load_taef2(), shift=0.1, scale=1.25)
+    return TinyVae(*taef2.load_taef2(WEIGHTS.taef2), shift=0.1, scale=1.25)
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +269,7 @@ def test_taef2_tiled_encode_matches_untiled(tiny_vae: TinyVae, photo: torch.Tens
 def test_taef2_tiled_decode_matches_untiled_and_per_tile_stats_do_not(tiny_vae, photo) -> None:
     latents = tiny_vae.encode(photo)[:, :, :15]  # 15 x 53: cores 8/7 x 14/14/14/11, windows +19
     untiled = tiny_vae.decode(latents)
-    tiled = tiled_decode(tiny_vae, latents, tile=14)
+    tiled = tiled_decode(tiny_vae, latents, tile=112)  # 14 latent px
     diff = float((tiled - untiled).abs().max())
     print(f"\nTAEF2 decode 15x53 latents, 8 tiles: max |tiled - untiled| = {diff:.2e}")
     assert diff < TOL
@@ -310,7 +347,7 @@ def test_kl_tiled_encode_and_decode_match_diffusers(block_out_channels, quant_co
     decoded = vae.decode(latents)
     assert 0.05 < float(decoded.mean()) < 0.95  # mostly unclamped, so the comparison sees values
     assert float((decoded == decoded.clamp(0.01, 0.99)).float().mean()) > 0.5
-    dec_diff = float((tiled_decode(vae, latents, tile=10) - decoded).abs().max())
+    dec_diff = float((tiled_decode(vae, latents, tile=40) - decoded).abs().max())  # 10 latent px
     print(f"\ntiny AutoencoderKL /{f}: max |tiled - untiled| encode {enc_diff:.2e}, decode {dec_diff:.2e}")
     assert enc_diff < TOL and dec_diff < TOL
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.models.loading import ModelSpec, load_model
+from core.models.loading import ModelSpec
 from runner.context import JobArtifacts, JobContext, LocalModelPool
+from runner.models import load_model
 from tasks.upscale import run
 from tasks.upscale_config import CoherenceConfig, OutputsConfig, TilingConfig, UpscaleConfig
 

@@ -1,8 +1,10 @@
 """Which model a job uses, and building it: the reference model, Flux.1 from a hub id / directory /
 single file, or random weights at a named shape (tests: "tiny"; benchmarks: "flux-dev").
 
-`load_model` runs inside a model worker (it reads weight files and touches the device); the spec is
-a frozen config that travels with the job.
+`load_model` runs inside a model worker. It reads the weight files it is pointed at, but decides
+nothing about where they are or how the model is placed: the runner passes the device, the dtype
+and the folders of the weights a spec names implicitly (runner/models.py). The spec is a frozen
+config that travels with the job.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Literal
 import torch
 
 from core.flow.seeds import gaussian_noise
-from core.models.backbone import Backbone, Cond, Vae
+from core.models.backbone import Backbone, Cond
+from core.models.build import build_random, build_seeded
+from core.vae.tiled import TiledVae, VaeGeometry
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLUX_NATIVE_SIZE = 128  # 1024 px / 8
@@ -77,10 +81,23 @@ class ModelSpec:
         if self.kind == "reference" and (self.prompt or self.prompt_embeds):
             raise ValueError("the reference model has learned conditioning: model.prompt must be empty")
 
-    def torch_dtype(self, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if device.type == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+
+@dataclass(frozen=True)
+class WeightFolders:
+    """Folders of the weights a spec names implicitly, resolved by the runner (runner/models.py):
+    the built-in reference model (kind reference with path "") and TAEF2 (vae "" or "taef2")."""
+
+    reference: str
+    taef2: str
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a driver needs to know of a model it never holds: latent shape, native size, VAE geometry."""
+
+    latent_channels: int
+    native_size: int  # latent pixels per side of the training resolution
+    vae: VaeGeometry
 
 
 @dataclass
@@ -88,107 +105,110 @@ class LoadedModel:
     """A backbone, its VAE and a way to get the job's conditioning."""
 
     backbone: Backbone
-    vae: Vae
+    vae: TiledVae
     make_cond: Callable[[], Cond]
 
+    @property
+    def meta(self) -> ModelMeta:
+        return ModelMeta(self.backbone.latent_channels, self.backbone.native_size, VaeGeometry.of(self.vae))
 
-def _taef2_vae(device: torch.device, shift: float = 0.0, scale: float = 1.0) -> Vae:
+
+def _taef2_vae(folder: str, device: torch.device, shift: float = 0.0, scale: float = 1.0) -> TiledVae:
     from core.vae.adapters import TinyVae
     from core.vae.taef2 import load_taef2
 
-    encoder, decoder = load_taef2()
+    encoder, decoder = load_taef2(folder)
     return TinyVae(encoder.to(device).eval(), decoder.to(device).eval(), shift=shift, scale=scale)
 
 
-def _kl_vae(source: str, device: torch.device, dtype: torch.dtype) -> Vae:
+def _vae(source: str, folders: WeightFolders, device: torch.device, dtype: torch.dtype) -> TiledVae:
+    """TAEF2 for "taef2", else an AutoencoderKL from a hub id, directory or file."""
+    if source == "taef2":
+        return _taef2_vae(folders.taef2, device)
     from core.vae.adapters import load_kl_vae
 
     return load_kl_vae(source, dtype=dtype, device=device)
 
 
-def _random_kl_vae(device: torch.device, dtype: torch.dtype, seed: int) -> Vae:
+def _random_kl_vae(device: torch.device, dtype: torch.dtype, seed: int) -> TiledVae:
     from diffusers import AutoencoderKL
 
     from core.vae.adapters import KLVae
 
-    with torch.device("meta"):
-        vae = AutoencoderKL(**FLUX_VAE_CONFIG).to(dtype)
-    vae = vae.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.normal_(0.0, fan_in**-0.5, generator=gen)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    return KLVae(vae.eval().requires_grad_(False))
+    return KLVae(build_random(AutoencoderKL, FLUX_VAE_CONFIG, dtype=dtype, device=device, seed=seed))
 
 
-def load_model(spec: ModelSpec, device: torch.device | str) -> LoadedModel:
-    """Build the model of `spec` on `device` (called once per worker)."""
-    from core.models.flux import (
-        FLUX_DEV_CONFIG,
-        FluxBackbone,
-        build_random_flux,
-        load_flux_transformer,
-        tiny_flux_config,
-    )
-
+def load_model(
+    spec: ModelSpec, *, device: torch.device | str, dtype: torch.dtype, folders: WeightFolders
+) -> LoadedModel:
+    """Build the model of `spec` on `device` in `dtype` (called once per worker). The VAE of the
+    reference and tiny models (TAEF2) stays in float32: it is small and its outputs are float32."""
     device = torch.device(device)
-    dtype = spec.torch_dtype(device)
     if spec.kind == "reference":
-        from core.models.reference import load_reference
-
-        backbone, cond, meta = load_reference(spec.path or None, dtype=dtype, device=device)
-        vae = (
-            _taef2_vae(device, meta.latent_shift, meta.latent_scale)
-            if not spec.vae or spec.vae == "taef2"
-            else (_kl_vae(spec.vae, device, dtype))
-        )
-        cpu_cond = Cond(cond.tokens.float().cpu(), cond.pooled.float().cpu(), None)
-        return LoadedModel(backbone, vae, lambda: cpu_cond)
-
+        return _reference_model(spec, device, dtype, folders)
     if spec.kind == "random":
-        if spec.shape == "tiny":
-            latent_channels = 32  # TAEF2's latent: the tiny model runs on a real VAE
-            config = tiny_flux_config(latent_channels)
-            native = TINY_NATIVE_SIZE
-        else:
-            # Flux.1-dev compute on 16-channel latents (a random AutoencoderKL of Flux's shape), or on
-            # TAEF2's 32 channels with vae "taef2": the same transformer cost, a far lighter VAE.
-            config = {**FLUX_DEV_CONFIG, "in_channels": 128} if spec.vae == "taef2" else FLUX_DEV_CONFIG
-            native = FLUX_NATIVE_SIZE
-        if device.type == "cpu" and spec.shape == "tiny":
-            # Tiny models build on the CPU with diffusers' own init under a forked, seeded RNG.
-            from diffusers import FluxTransformer2DModel
+        return _random_model(spec, device, dtype, folders)
+    return _flux_model(spec, device, dtype, folders)
 
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(spec.seed)
-                transformer = FluxTransformer2DModel(**config).eval().requires_grad_(False)
-            if dtype != torch.float32:
-                transformer = transformer.to(dtype)
-        else:
-            transformer = build_random_flux(config, dtype=dtype, device=device, seed=spec.seed)
-        backbone = FluxBackbone(transformer, native_size=native)
-        if spec.vae == "taef2" or (spec.vae == "" and spec.shape == "tiny"):
-            vae = _taef2_vae(device)
-        elif spec.vae in ("", "random-kl"):
-            vae = _random_kl_vae(device, dtype, spec.seed)
-        else:
-            vae = _kl_vae(spec.vae, device, dtype)
-        cfg = transformer.config
-        n_text = 512 if spec.shape == "flux-dev" else 8  # Flux.1 runs 512 T5 tokens
-        rand_cond = Cond(
-            gaussian_noise((n_text, cfg.joint_attention_dim), spec.seed + 1),
-            gaussian_noise((cfg.pooled_projection_dim,), spec.seed + 2),
-            spec.guidance if cfg.guidance_embeds else None,
+
+def _reference_model(
+    spec: ModelSpec, device: torch.device, dtype: torch.dtype, folders: WeightFolders
+) -> LoadedModel:
+    from core.models.reference import load_reference
+
+    backbone, cond, meta = load_reference(spec.path or folders.reference, dtype=dtype, device=device)
+    if not spec.vae or spec.vae == "taef2":
+        vae = _taef2_vae(folders.taef2, device, meta.latent_shift, meta.latent_scale)
+    else:
+        vae = _vae(spec.vae, folders, device, dtype)
+    cpu_cond = Cond(cond.tokens.float().cpu(), cond.pooled.float().cpu(), None)
+    return LoadedModel(backbone, vae, lambda: cpu_cond)
+
+
+def _random_model(
+    spec: ModelSpec, device: torch.device, dtype: torch.dtype, folders: WeightFolders
+) -> LoadedModel:
+    from diffusers import FluxTransformer2DModel
+
+    from core.models.flux import FLUX_DEV_CONFIG, FluxBackbone, tiny_flux_config
+
+    if spec.shape == "tiny":
+        config, native = tiny_flux_config(32), TINY_NATIVE_SIZE  # TAEF2's latent: a real VAE
+    else:
+        # Flux.1-dev compute on 16-channel latents (a random AutoencoderKL of Flux's shape), or on
+        # TAEF2's 32 channels with vae "taef2": the same transformer cost, a far lighter VAE.
+        config = {**FLUX_DEV_CONFIG, "in_channels": 128} if spec.vae == "taef2" else FLUX_DEV_CONFIG
+        native = FLUX_NATIVE_SIZE
+    if device.type == "cpu" and spec.shape == "tiny":
+        # diffusers' own init, seeded: the tiny model of the tests, the same in every process
+        transformer = build_seeded(lambda: FluxTransformer2DModel(**config), spec.seed)
+        transformer = transformer.to(dtype).eval().requires_grad_(False)
+    else:
+        transformer = build_random(
+            FluxTransformer2DModel, config, dtype=dtype, device=device, seed=spec.seed, std=0.02
         )
-        return LoadedModel(backbone, vae, lambda: rand_cond)
+    if spec.vae == "taef2" or (spec.vae == "" and spec.shape == "tiny"):
+        vae = _taef2_vae(folders.taef2, device)
+    elif spec.vae in ("", "random-kl"):
+        vae = _random_kl_vae(device, dtype, spec.seed)
+    else:
+        vae = _vae(spec.vae, folders, device, dtype)
+    cfg = transformer.config
+    n_text = 512 if spec.shape == "flux-dev" else 8  # Flux.1 runs 512 T5 tokens
+    rand_cond = Cond(
+        gaussian_noise((n_text, cfg.joint_attention_dim), spec.seed + 1),
+        gaussian_noise((cfg.pooled_projection_dim,), spec.seed + 2),
+        spec.guidance if cfg.guidance_embeds else None,
+    )
+    return LoadedModel(FluxBackbone(transformer, native_size=native), vae, lambda: rand_cond)
 
-    # Flux.1 from a hub id, a directory or a single file.
+
+def _flux_model(
+    spec: ModelSpec, device: torch.device, dtype: torch.dtype, folders: WeightFolders
+) -> LoadedModel:
+    """Flux.1 from a hub id, a directory or a single file."""
+    from core.models.flux import FluxBackbone, load_flux_transformer
+
     transformer = load_flux_transformer(spec.path, dtype=dtype, device=device)
     backbone = FluxBackbone(transformer, native_size=FLUX_NATIVE_SIZE)
     vae_source = spec.vae or spec.path
@@ -197,7 +217,7 @@ def load_model(spec: ModelSpec, device: torch.device | str) -> LoadedModel:
             f"model.path {spec.path!r} is a single transformer file: set model.vae to the VAE's hub id, "
             "directory or file"
         )
-    vae = _taef2_vae(device) if vae_source == "taef2" else _kl_vae(vae_source, device, dtype)
+    vae = _vae(vae_source, folders, device, dtype)
     guidance = spec.guidance if transformer.config.guidance_embeds else None
 
     def make_cond() -> Cond:

@@ -23,9 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.models.backbone import Cond
+from core.models.build import build_seeded
 from core.models.flux import FluxBackbone
-
-DEFAULT_REFERENCE_DIR = Path(__file__).resolve().parents[2] / "models" / "reference"
 
 REFERENCE_CONFIG: dict = dict(
     patch_size=1,
@@ -65,13 +64,13 @@ class ReferenceDenoiser(nn.Module):
 
 
 def build_reference(seed: int = 0, config: dict | None = None) -> ReferenceDenoiser:
-    """A freshly initialised reference denoiser (diffusers' own init, seeded)."""
+    """A freshly initialised reference denoiser (diffusers' own init, then the learned tokens, from one
+    seeded stream; on the CPU in float32)."""
     from diffusers import FluxTransformer2DModel
 
-    # diffusers initialises through the global RNG: seed it inside fork_rng so the caller's state survives.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return ReferenceDenoiser(FluxTransformer2DModel(**(config or REFERENCE_CONFIG)))
+    return build_seeded(
+        lambda: ReferenceDenoiser(FluxTransformer2DModel(**(config or REFERENCE_CONFIG))), seed
+    )
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ def save_reference(
 
 
 def load_reference(
-    directory: str | Path | None = None,
+    directory: str | Path,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -113,7 +112,7 @@ def load_reference(
     """(backbone, learned conditioning, meta) from a folder written by save_reference."""
     from diffusers import FluxTransformer2DModel
 
-    directory = Path(directory) if directory else DEFAULT_REFERENCE_DIR
+    directory = Path(directory)
     if not (directory / "reference.json").is_file():
         raise FileNotFoundError(
             f"no reference model at {directory} "

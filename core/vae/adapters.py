@@ -2,9 +2,9 @@
 
 Both map images [B, 3, H, W] in [0, 1] to model-space latents (z - shift) * scale, where z is the
 raw VAE latent, and back (images clamped to [0, 1]). Both also expose the tile programs of
-core.vae.tiled (`encode_program`, `decode_program`) and their receptive-field radii
-(`encode_halo` in image pixels, `decode_halo` in latent pixels), so `tiled_encode` / `tiled_decode`
-and the runner's distributed driver work on either.
+core/vae/tiled.py (`encode_program`, `decode_program`) and their receptive-field radii
+(`encode_halo` in image pixels, `decode_halo` in latent pixels), so the tiled passes of
+core/vae/lockstep.py, in process or over the pool, work on either.
 
 Decisions:
 - Device and dtype follow the module's parameters: inputs are moved and cast to them (after the

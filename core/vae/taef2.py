@@ -1,14 +1,14 @@
 """TAEF2: the tiny autoencoder for the FLUX.2 latent space (madebyollin/taesd, MIT).
 
-Implemented from the architecture in reference/assets.md section 4.2: 32 latent channels at 1/8
-scale, all widths 64, images in [0, 1], raw latents (no shift or scale). The FLUX.2 variant adds a
-"pool" branch (1x1 conv, GroupNorm(4, 256), ReLU, 1x1 conv) to the three lowest-resolution blocks
-of the encoder and the decoder. Module indices equal the keys of the upstream .pth files, so a
-strict `load_state_dict` works after casting their fp16 tensors to float32.
+Implemented from the upstream architecture (madebyollin/taesd `taesd.py`; docs/vae.md): 32 latent
+channels at 1/8 scale, all widths 64, images in [0, 1], raw latents (no shift or scale). The FLUX.2
+variant adds a "pool" branch (1x1 conv, GroupNorm(4, 256), ReLU, 1x1 conv) to the three
+lowest-resolution blocks of the encoder and the decoder. Module indices equal the keys of the
+upstream .pth files, so a strict `load_state_dict` works after casting their fp16 tensors to float32.
 
 The tile programs (`encoder_program`, `decoder_program`) are the same forward written as
-generators for core.vae.tiled: the pool branch's GroupNorm is the only layer that needs the whole
-image, and it yields a GroupNormPartial there.
+generators for core/vae/tiled.py: the pool branch's GroupNorm is the only layer that needs the
+whole image, and it yields a GroupNormPartial there.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ ENCODER_FILE = "taef2_encoder.pth"
 DECODER_FILE = "taef2_decoder.pth"
 ENCODER_SHA256 = "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6"
 DECODER_SHA256 = "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5"
-DEFAULT_DIR = Path(__file__).resolve().parents[2] / "models" / "taef2"
 
 
 def _conv(n_in: int, n_out: int, *, stride: int = 1, bias: bool = True) -> nn.Conv2d:
@@ -116,7 +115,7 @@ def _sha256(path: Path) -> str:
 
 
 def verify_taef2_checksums(directory: str | Path) -> None:
-    """Raise ValueError naming the file whose SHA-256 differs from the published one (assets.md s1)."""
+    """Raise ValueError naming the file whose SHA-256 differs from upstream's (madebyollin/taesd @5cccb12)."""
     for name, expected in ((ENCODER_FILE, ENCODER_SHA256), (DECODER_FILE, DECODER_SHA256)):
         path = Path(directory) / name
         if not path.is_file():
@@ -131,14 +130,15 @@ def _load_into(module: nn.Module, path: Path) -> None:
     module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
-def load_taef2(directory: str | Path | None = None) -> tuple[Taef2Encoder, Taef2Decoder]:
+def load_taef2(directory: str | Path) -> tuple[Taef2Encoder, Taef2Decoder]:
     """The TAEF2 encoder and decoder in float32 on the CPU, in eval mode, checksums verified.
 
-    directory: holds taef2_encoder.pth and taef2_decoder.pth; None = the repository's models/taef2.
+    directory: holds taef2_encoder.pth and taef2_decoder.pth (the repository's copy is models/taef2,
+    resolved by runner/models.py).
     The conv weights are stored channels-last, which makes the convolutions (and so the
     activations) channels-last: about 1.45x faster on CPU (oneDNN), same values up to rounding.
     """
-    root = DEFAULT_DIR if directory is None else Path(directory)
+    root = Path(directory)
     verify_taef2_checksums(root)
     encoder, decoder = Taef2Encoder(), Taef2Decoder()
     _load_into(encoder, root / ENCODER_FILE)

@@ -1,4 +1,5 @@
-"""Tiled VAE encode/decode with exact GroupNorm statistics (algorithms.md section 11).
+"""Tiled VAE encode/decode with exact GroupNorm statistics (docs/vae.md): tile programs, the
+messages of a round, the reductions and the tile geometry. core/vae/lockstep.py drives the rounds.
 
 Per-tile GroupNorm drifts colour between tiles. Here every tile runs layer by layer as a **tile
 program**: a generator over the tile's padded input window that yields a reduction request at
@@ -10,8 +11,6 @@ returns its output core (already cropped). One round = one request per tile, all
 - `AttentionPartial(k, v)` [B, N_core, D], the core tokens' keys and values of a spatial
   self-attention -> reply `AttentionGlobal(k, v)`, the concatenation over tiles in tile order, so
   each tile's queries attend to every key of the image: exact (AutoencoderKL mid-block).
-
-`run_lockstep` drives the programs in process; the runner drives the same rounds across actors.
 
 Decisions:
 - Tiles are a non-overlapping partition of cores; windows are cores grown by `pad` and clipped to
@@ -25,19 +24,21 @@ Decisions:
   rebuilt in float64 from the centred sums), which keeps the pooled variance stable without a
   float64 copy of the activations.
 - All tiles' activations are alive at a round boundary: that is inherent to exact statistics.
+- Tile sides are given in image pixels for both passes (`plan_tiles`), the unit a job sets.
 
-Receptive-field radii (`halo_radius`, the default pads of tiled_encode / tiled_decode):
-TAEF2 encoder 145 image px, decoder 19 latent px; Flux.1's AutoencoderKL encoder 108 image px,
-decoder 18 latent px (mid-block attention is exact through the key/value gather, so it adds none).
+Receptive-field radii (`halo_radius`, the default pads): TAEF2 encoder 145 image px, decoder 19
+latent px; Flux.1's AutoencoderKL encoder 108 image px, decoder 18 latent px (mid-block attention
+is exact through the key/value gather, so it adds none).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Protocol
+from typing import Literal, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -93,6 +94,13 @@ class AttentionGlobal:
 Request = GroupNormPartial | AttentionPartial
 Reply = GroupNormGlobal | AttentionGlobal
 TileProgram = Generator[Request, Reply, torch.Tensor]
+VaeOp = Literal["encode", "decode"]
+Message = TypeVar("Message", GroupNormPartial, GroupNormGlobal, AttentionPartial, AttentionGlobal)
+
+
+def move(message: Message, device: torch.device | str) -> Message:
+    """A request or reply with its tensors on `device` (to cross processes, or onto a worker's GPU)."""
+    return type(message)(**{f.name: getattr(message, f.name).to(device) for f in dataclasses.fields(message)})
 
 
 class TiledVae(Protocol):
@@ -103,9 +111,28 @@ class TiledVae(Protocol):
     encode_halo: int  # receptive-field radius of the encoder, in image pixels
     decode_halo: int  # receptive-field radius of the decoder, in latent pixels
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
     def encode_program(self, window: torch.Tensor, core: Rect) -> TileProgram: ...
 
     def decode_program(self, window: torch.Tensor, core: Rect) -> TileProgram: ...
+
+
+@dataclass(frozen=True)
+class VaeGeometry:
+    """What planning tiles needs to know of a VAE: channels, scale factor and receptive fields. A
+    driver that holds no VAE plans from this (it travels in core.models.loading.ModelMeta)."""
+
+    latent_channels: int
+    scale_factor: int
+    encode_halo: int  # image pixels
+    decode_halo: int  # latent pixels
+
+    @classmethod
+    def of(cls, vae: TiledVae) -> VaeGeometry:
+        return cls(vae.latent_channels, vae.scale_factor, vae.encode_halo, vae.decode_halo)
 
 
 # --- GroupNorm with global statistics ------------------------------------------------------------
@@ -150,7 +177,7 @@ def group_norm_step(x: torch.Tensor, core: Rect, norm: nn.GroupNorm) -> TileProg
     return apply_group_norm(x, reply, norm)
 
 
-# --- reduction and the in-process driver ---------------------------------------------------------
+# --- reduction ---------------------------------------------------------------------------------
 
 
 def reduce_requests(requests: Sequence[Request]) -> Reply:
@@ -174,31 +201,6 @@ def reduce_requests(requests: Sequence[Request]) -> Reply:
         v = torch.cat([r.v.to(dev) for r in requests], dim=1)
         return AttentionGlobal(k, v)
     raise TypeError(f"unknown request type {type(first).__name__}")
-
-
-def _advance(program: TileProgram, reply: Reply | None) -> tuple[Request | None, torch.Tensor | None]:
-    """(next request, None) while the program runs, (None, its output) once it has returned."""
-    try:
-        return program.send(reply), None  # send(None) starts a fresh generator
-    except StopIteration as stop:
-        return None, stop.value
-
-
-def run_lockstep(programs: Sequence[TileProgram]) -> list[torch.Tensor]:
-    """Advance all tile programs round by round and return their outputs in tile order."""
-    if not programs:
-        raise ValueError("run_lockstep needs at least one tile program")
-    state = [_advance(p, None) for p in programs]
-    while True:
-        finished = [i for i, (req, _) in enumerate(state) if req is None]
-        if len(finished) == len(state):
-            return [out for _, out in state]  # type: ignore[misc]
-        if finished:
-            raise RuntimeError(
-                f"tile programs out of step: tiles {finished} returned while others still yield"
-            )
-        reply = reduce_requests([req for req, _ in state])  # type: ignore[misc]
-        state = [_advance(p, reply) for p in programs]
 
 
 # --- geometry ------------------------------------------------------------------------------------
@@ -287,32 +289,37 @@ def halo_radius(ops: Sequence[str]) -> int:
     return radius
 
 
-# --- in-process convenience ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class TilePlan:
+    """The tiles of one pass: their specs in row-major order, the output's shape, and the output
+    pixels per input pixel (8 to decode, 1/8 to encode)."""
+
+    op: VaeOp
+    specs: tuple[TileSpec, ...]
+    out_shape: tuple[int, ...]
+    scale: float
 
 
-def tiled_encode(
-    vae: TiledVae, images: torch.Tensor, *, tile: int = 512, pad: int | None = None
-) -> torch.Tensor:
-    """Encode images [B, 3, H, W] in [0, 1] tile by tile; pad None = the encoder's receptive field."""
-    if images.ndim != 4:
-        raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
-    b, _, h, w = images.shape
+def plan_tiles(
+    op: VaeOp, shape: Sequence[int], vae: VaeGeometry, *, tile_px: int, pad: int | None = None
+) -> TilePlan:
+    """Tiles for encoding images [B, 3, H, W] or decoding latents [B, C, h, w].
+
+    tile_px: the tile side in image pixels for both passes (rounded down to the VAE's scale factor,
+    at least one latent pixel). pad: the window margin in input pixels; None = the receptive field.
+    """
+    if op not in ("encode", "decode"):
+        raise ValueError(f"op must be encode or decode, got {op!r}")
+    if len(shape) != 4:
+        raise ValueError(f"{op} input must be [B, C, H, W], got shape {tuple(shape)}")
+    b, _, h, w = shape
     f = vae.scale_factor
-    if h % f or w % f:
-        raise ValueError(f"image size {h}x{w} must be a multiple of the VAE scale factor {f}")
-    specs = split_tiles(h, w, tile=tile, pad=vae.encode_halo if pad is None else pad, align=f)
-    programs = [vae.encode_program(s.window.cut(images), s.core_in_window) for s in specs]
-    return stitch(run_lockstep(programs), specs, (b, vae.latent_channels, h // f, w // f), 1 / f)
-
-
-def tiled_decode(
-    vae: TiledVae, latents: torch.Tensor, *, tile: int = 64, pad: int | None = None
-) -> torch.Tensor:
-    """Decode latents [B, C, h, w] tile by tile; pad None = the decoder's receptive field."""
-    if latents.ndim != 4:
-        raise ValueError(f"latents must be [B, C, h, w], got shape {tuple(latents.shape)}")
-    b, _, h, w = latents.shape
-    f = vae.scale_factor
-    specs = split_tiles(h, w, tile=tile, pad=vae.decode_halo if pad is None else pad, align=1)
-    programs = [vae.decode_program(s.window.cut(latents), s.core_in_window) for s in specs]
-    return stitch(run_lockstep(programs), specs, (b, 3, h * f, w * f), f)
+    if op == "encode":
+        if h % f or w % f:
+            raise ValueError(f"image size {h}x{w} must be a multiple of the VAE scale factor {f}")
+        pad = vae.encode_halo if pad is None else pad
+        specs = split_tiles(h, w, tile=max(f, tile_px // f * f), pad=pad, align=f)
+        return TilePlan(op, tuple(specs), (b, vae.latent_channels, h // f, w // f), 1 / f)
+    pad = vae.decode_halo if pad is None else pad
+    specs = split_tiles(h, w, tile=max(1, tile_px // f), pad=pad, align=1)
+    return TilePlan(op, tuple(specs), (b, 3, h * f, w * f), f)

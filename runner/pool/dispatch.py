@@ -1,12 +1,15 @@
 """Fan views out over the worker pool with a bounded number of batches in flight.
 
-Batches are formed by `core.tiling.views.plan_batches` (a function of the views only) and each runs whole
-on one worker, so the output does not depend on how many workers there are or which one was free.
-Whichever worker has the fewest batches in flight gets the next one; `ray.wait` returns results as
-they complete and they are placed by index, so completion order changes nothing.
+Batches are formed by `core.models.forward.view_batches` (a function of the views only, as in
+process) and each runs whole on one worker, so the output does not depend on how many workers there
+are or which one was free. Whichever worker has the fewest batches in flight gets the next one;
+`ray.wait` returns results as they complete and they are placed by index, so completion order
+changes nothing.
 
-A batch whose worker died is re-queued on another worker (once per batch; a second loss raises,
-which stops one poison input from killing the whole pool, platform-notes.md §3.4).
+A batch whose worker died is re-queued on another worker once; a second loss raises. Workers are
+created with max_task_retries=0, so Ray never re-runs a call that crashed its worker: a poison
+input that kills whichever process runs it would otherwise burn every restart of the pool
+(docs/runner.md).
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import ray
 import torch
 from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-from core.tiling.views import ViewInput, plan_batches, stack_batch
+from core.models.forward import place, view_batches
+from core.tiling.views import ViewInput
+from runner.pool.transport import from_wire, to_wire
 from runner.pool.worker import BatchResult
 from runner.timing import stats
 
@@ -81,9 +85,9 @@ class Dispatcher:
 
     def evaluate(self, views: Sequence[ViewInput]) -> list[torch.Tensor]:
         start = time.perf_counter()
-        batches = plan_batches(views, self.max_batch)
-        for b in batches:
-            self.stats.batch_sizes.setdefault("x".join(map(str, views[b[0]].x.shape)), len(b))
+        batches = view_batches(views, self.max_batch)
+        for batch in batches:
+            self.stats.batch_sizes.setdefault("x".join(map(str, batch.x.shape[1:])), len(batch.index))
         queue = deque(range(len(batches)))
         retries: dict[int, int] = {}
         in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (batch, worker)
@@ -99,9 +103,10 @@ class Dispatcher:
                     break
                 w = min(candidates, key=lambda i: (load[i], i))
                 b = queue.popleft()
-                x, sigma, rope = stack_batch(views, batches[b])
-                # numpy travels zero-copy through Ray's object store (a pickled tensor is copied)
-                ref = self.workers[w].velocity.remote(self.job, x.float().numpy(), sigma.numpy(), rope)
+                batch = batches[b]
+                ref = self.workers[w].velocity.remote(
+                    self.job, to_wire(batch.x), to_wire(batch.sigma), batch.rope
+                )
                 in_flight[ref] = (b, w)
                 load[w] += 1
             if not in_flight:
@@ -120,9 +125,7 @@ class Dispatcher:
                     self.stats.requeued.append({"batch": b, "worker": w, "error": type(err).__name__})
                     queue.appendleft(b)
                     continue
-                v = torch.from_numpy(np.array(result.v))  # writable: Ray hands arrays over read-only
-                for j, i in enumerate(batches[b]):
-                    out[i] = v[j]
+                place(out, batches[b], from_wire(result.v))
                 busy[w] += result.compute_s
                 self.stats.model_s += result.compute_s
                 self.stats.forward_s += result.forward_s

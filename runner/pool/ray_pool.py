@@ -10,7 +10,9 @@ import ray
 import torch
 
 from core.models.backbone import Cond
+from core.models.loading import ModelMeta
 from core.tiling.views import ViewInput
+from core.vae.tiled import VaeOp
 from runner.config import PoolConfig
 from runner.pool.dispatch import Dispatcher
 from runner.pool.pool import WorkerPool
@@ -22,10 +24,10 @@ class RayModelPool:
         self.pool = pool
         self.cfg = cfg
         self.job = job or uuid.uuid4().hex[:12]
-        self.meta = meta = ray.get(pool.workers[0].model_meta.remote())
-        self.latent_channels = meta["latent_channels"]
-        self.native_size = meta["native_size"]
-        self.vae_scale_factor = meta["vae_scale_factor"]
+        self.meta: ModelMeta = ray.get(pool.workers[0].model_meta.remote())
+        self.latent_channels = self.meta.latent_channels
+        self.native_size = self.meta.native_size
+        self.vae_scale_factor = self.meta.vae.scale_factor
         self._cond: Cond | None = None
         self._batch_cache: dict[tuple[int, ...], int] = {}
         self.dispatcher = Dispatcher(
@@ -54,18 +56,19 @@ class RayModelPool:
         return self.dispatcher.evaluate(views)
 
     def encode(self, images: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
-        if not tile:
-            return ray.get(self.pool.workers[0].encode.remote(images))
-        out, rounds = tiled_over_pool(self.pool.workers, self.job, "encode", images, self.meta, tile_px=tile)
-        self.vae_rounds += rounds
-        return out
+        return self._vae("encode", images, tile)
 
     def decode(self, latents: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
+        return self._vae("decode", latents, tile)
+
+    def _vae(self, op: VaeOp, tensor: torch.Tensor, tile: int) -> torch.Tensor:
+        """One untiled pass on the first worker, or a tiled pass over every worker."""
         if not tile:
-            return ray.get(self.pool.workers[0].decode.remote(latents))
-        out, rounds = tiled_over_pool(self.pool.workers, self.job, "decode", latents, self.meta, tile_px=tile)
-        self.vae_rounds += rounds
-        return out
+            worker = self.pool.workers[0]
+            return ray.get((worker.encode if op == "encode" else worker.decode).remote(tensor))
+        result = tiled_over_pool(self.pool.workers, self.job, op, tensor, self.meta.vae, tile_px=tile)
+        self.vae_rounds += result.rounds
+        return result.output
 
     def close(self) -> None:
         ray.get([w.end_job.remote(self.job) for w in self.pool.workers])

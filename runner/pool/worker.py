@@ -2,13 +2,12 @@
 
 One worker per GPU (or a fraction of one for small models; one per CPU-only cluster). It keeps the
 model loaded across jobs and reloads only when a job names a different ModelSpec. Per job it holds
-the conditioning on the device and, during a tiled VAE pass, the tile programs it was given.
+the conditioning on the device and, during a tiled VAE pass, its group of tile programs.
 
-Transport and concurrency: views travel as numpy arrays (Ray moves them zero-copy, pickled torch
-tensors cost twice the time), and the actor runs two calls at once while a lock keeps the device
-work of one call at a time: the next call's arguments arrive and the previous call's result leaves
-while the GPU computes, so Ray's per-call overhead stays off the critical path (bench/dispatch_probe.py
-on a 2-core CPU: 42-62 ms of idle time per 25-view step instead of 105-133 ms one call at a time).
+A batch runs through core.models.forward.forward_batch, the forward the in-process pool runs too;
+tensors travel as numpy arrays in their own dtype (runner/pool/transport.py). The actor runs two
+calls at once while a lock keeps the device work of one call at a time, so the next batch arrives
+and the last result leaves while the device computes (docs/runner.md: the measured idle time).
 
 Out-of-memory policy (designed fallback, reported to the driver and recorded in job.json): a batch
 that does not fit is split in halves, recursively; a single view that does not fit raises
@@ -22,17 +21,20 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import numpy as np
 import torch
 
 from core.models.backbone import Cond
-from core.models.loading import LoadedModel, ModelSpec, load_model
+from core.models.forward import forward_batch
+from core.models.loading import LoadedModel, ModelMeta, ModelSpec
 from core.rope.spec import RopeSpec
-from core.tiling.rect import Rect
+from core.vae.lockstep import TileGroup, TileInput, VaeRound
+from core.vae.tiled import Reply, VaeOp, move
+from runner.models import load_model, model_device
+from runner.pool.transport import WireTensor, from_wire, to_wire
 
 
 class ViewTooLargeError(RuntimeError):
@@ -43,7 +45,7 @@ class ViewTooLargeError(RuntimeError):
 class BatchResult:
     """Velocities for one batch plus what the worker observed doing it."""
 
-    v: np.ndarray  # [B, C, h, w] float32
+    v: WireTensor  # [B, C, h, w] in the dtype of the views sent
     compute_s: float  # wall time holding the device: transfers in and out plus the forwards
     worker: int
     forward_s: float  # the forwards alone, on the device's clock (CUDA events; = compute_s on a CPU)
@@ -68,15 +70,10 @@ def exclusive(method: F) -> F:
     return locked  # type: ignore[return-value]
 
 
-def as_tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """A writable tensor from a transported array (Ray hands numpy arrays over read-only)."""
-    return torch.from_numpy(np.array(a)) if isinstance(a, np.ndarray) else a
-
-
 class ModelWorker:
     def __init__(self, index: int, cpu_threads: int = 1, gpu_memory_fraction: float = 1.0) -> None:
         self.index = index
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = model_device()
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, cpu_threads))
         elif gpu_memory_fraction < 1.0:
@@ -85,7 +82,7 @@ class ModelWorker:
         self.model: LoadedModel | None = None
         self.load_s = 0.0
         self.conds: dict[str, Cond] = {}
-        self.programs: dict[str, list[tuple[int, Generator]]] = {}
+        self.tile_groups: dict[str, TileGroup] = {}
         self.device_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -126,15 +123,8 @@ class ModelWorker:
             raise RuntimeError(f"worker {self.index} has no model loaded; call load(spec) first")
         return self.model
 
-    def model_meta(self) -> dict:
-        model = self._loaded()
-        return {
-            "latent_channels": model.backbone.latent_channels,
-            "native_size": model.backbone.native_size,
-            "vae_scale_factor": model.vae.scale_factor,
-            "encode_halo": model.vae.encode_halo,
-            "decode_halo": model.vae.decode_halo,
-        }
+    def model_meta(self) -> ModelMeta:
+        return self._loaded().meta
 
     def make_cond(self) -> Cond:
         """The job's conditioning on the CPU (text encoders run here, once per job)."""
@@ -148,7 +138,7 @@ class ModelWorker:
     @exclusive
     def end_job(self, job: str) -> None:
         self.conds.pop(job, None)
-        self.programs.pop(job, None)
+        self.tile_groups.pop(job, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -171,12 +161,11 @@ class ModelWorker:
             batch *= 2
         return batch
 
-    def velocity(
-        self, job: str, x: np.ndarray | torch.Tensor, sigma: np.ndarray | torch.Tensor, rope: RopeSpec | None
-    ) -> BatchResult:
+    def velocity(self, job: str, x: WireTensor, sigma: WireTensor, rope: RopeSpec | None) -> BatchResult:
+        """Velocities of one stacked batch of views (x [B, C, h, w], sigma [B]), in x's dtype."""
         if job not in self.conds:
             raise RuntimeError(f"worker {self.index}: no conditioning for job {job}; call set_cond first")
-        x, sigma = as_tensor(x), as_tensor(sigma)
+        x_t, sigma_t = from_wire(x), from_wire(sigma)
         splits: list[int] = []
         cuda = self.device.type == "cuda"
         with self.device_lock:
@@ -184,21 +173,20 @@ class ModelWorker:
             if cuda:
                 began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 began.record()
-            v = self._forward(self.conds[job], x, sigma, rope, splits)
+            v = self._forward(self.conds[job], x_t, sigma_t, rope, splits)
             if cuda:
                 ended.record()
-            v = v.float().cpu()  # synchronises the device
+            v = v.cpu()  # synchronises the device
             compute = time.perf_counter() - start
         forward = began.elapsed_time(ended) / 1000 if cuda else compute
-        return BatchResult(v.numpy(), compute, self.index, forward, splits)
+        return BatchResult(to_wire(v), compute, self.index, forward, splits)
 
     def _forward(
         self, cond: Cond, x: torch.Tensor, sigma: torch.Tensor, rope: RopeSpec | None, splits: list[int]
     ) -> torch.Tensor:
         backbone = self._loaded().backbone
         try:
-            with torch.no_grad():
-                return backbone.velocity(x.to(self.device), sigma.to(self.device), cond, rope)
+            return forward_batch(backbone, cond, x, sigma, rope, device=self.device)
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not _is_oom(err):
                 raise
@@ -231,45 +219,6 @@ class ModelWorker:
             "total_gib": round(torch.cuda.get_device_properties(self.device).total_memory / gib, 3),
         }
 
-    def reset_peak_memory(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    @exclusive
-    def time_forward(
-        self,
-        job: str,
-        shape: Sequence[int],
-        batch: int,
-        *,
-        warmup: int = 2,
-        reps: int = 5,
-        pause_s: float = 0.0,
-    ) -> dict:
-        """Bare forward times of `batch` views of `shape` [C, h, w] on this worker (benchmarks' floor):
-        seconds per forward, synchronised, plus the peak memory of those forwards. pause_s idles the
-        device before each forward, as a tiled job's step barrier does."""
-        cond = self.conds[job]
-        backbone = self._loaded().backbone
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, *shape, generator=gen).to(self.device)
-        sigma = torch.full((batch,), 0.6, device=self.device)
-        self.reset_peak_memory()
-        times = []
-        with torch.no_grad():
-            for i in range(warmup + reps):
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                if pause_s > 0:
-                    time.sleep(pause_s)
-                start = time.perf_counter()
-                backbone.velocity(x, sigma, cond, None)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-        return {"times_s": times, **self.memory()}
-
     # -- VAE -------------------------------------------------------------------------------------
     @exclusive
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -282,54 +231,18 @@ class ModelWorker:
             return self._loaded().vae.decode(latents.to(self.device)).float().cpu()
 
     @exclusive
-    def vae_start(
-        self, job: str, op: str, tiles: list[tuple[int, torch.Tensor, Rect]]
-    ) -> tuple[str, list[tuple[int, object]]]:
-        """Start tile programs (op "encode" or "decode") for the tiles given and run them to their
-        first reduction request: ("request", [(tile, request)]) or, with no reduction, ("done", outputs)."""
-        vae = self._loaded().vae
-        make = {"encode": vae.encode_program, "decode": vae.decode_program}[op]  # type: ignore[attr-defined]
-        self.programs[job] = [(i, make(window.to(self.device), core)) for i, window, core in tiles]
-        return self._advance(job, None)
+    def vae_start(self, job: str, op: VaeOp, tiles: list[TileInput]) -> None:
+        """Start the tile programs of `tiles` for this job's tiled pass (core/vae/lockstep.py); the
+        first vae_advance (reply None) runs them to their first request."""
+        self.tile_groups[job] = TileGroup.start(self._loaded().vae, op, tiles)
 
     @exclusive
-    def vae_send(self, job: str, reply: object) -> tuple[str, list[tuple[int, object]]]:
-        """Send the round's reduced reply to every program held for `job`; same return as vae_start."""
-        return self._advance(job, _to(reply, self.device))
-
-    def _advance(self, job: str, reply: object) -> tuple[str, list[tuple[int, object]]]:
-        requests, outputs = [], []
-        with torch.no_grad():
-            for i, program in self.programs[job]:
-                try:
-                    requests.append((i, _cpu(program.send(reply))))  # send(None) starts a generator
-                except StopIteration as stop:
-                    outputs.append((i, stop.value.float().cpu()))
-        if outputs and requests:
-            raise RuntimeError(f"worker {self.index}: tile programs of job {job} fell out of lockstep")
-        if outputs:
-            del self.programs[job]
-            return "done", outputs
-        return "request", requests
-
-
-def _cpu(obj: object) -> object:
-    return _to(obj, torch.device("cpu"))
-
-
-def _to(obj: object, device: torch.device) -> object:
-    """Move the tensors of a reduction request/reply dataclass to `device`."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return type(obj)(
-            **{
-                f.name: (
-                    getattr(obj, f.name).to(device)
-                    if torch.is_tensor(getattr(obj, f.name))
-                    else getattr(obj, f.name)
-                )
-                for f in dataclasses.fields(obj)
-            }
-        )
-    return obj
+    def vae_advance(self, job: str, reply: Reply | None) -> VaeRound:
+        """One step of this worker's tile group: requests or output cores, on the CPU."""
+        group = self.tile_groups.get(job)
+        if group is None:
+            raise RuntimeError(f"worker {self.index}: no tiled VAE pass of job {job}; call vae_start first")
+        result = group.advance(None if reply is None else move(reply, self.device)).to("cpu")
+        if result.done:
+            del self.tile_groups[job]
+        return result
