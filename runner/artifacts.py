@@ -97,6 +97,22 @@ def read_state(path: Path) -> dict[str, Any] | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def read_images(folder: str | Path) -> list[torch.Tensor]:
+    """Every PNG/JPEG under folder (recursive, sorted by path) as uint8 [3, H, W] (alpha dropped,
+    greyscale expanded)."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise FileNotFoundError(f"no PNG or JPEG images under {str(folder)!r}")
+    images = []
+    for path in paths:
+        with Image.open(path) as im:
+            images.append(torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1))
+    return images
+
+
 def read_image(path: str | Path) -> torch.Tensor:
     """A PNG/JPEG as float [1, 3, H, W] in [0, 1] (alpha dropped, greyscale expanded)."""
     path = Path(path)

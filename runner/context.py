@@ -51,6 +51,9 @@ class JobArtifacts:
     def read_image(self, path: str) -> torch.Tensor:
         return artifacts.read_image(path)
 
+    def read_images(self, folder: str) -> list[torch.Tensor]:
+        return artifacts.read_images(folder)
+
     def directory(self, name: str) -> str:
         path = self.path(name)
         path.mkdir(parents=True, exist_ok=True)

@@ -12,12 +12,13 @@ import torch
 
 from runner.config import Job, TrackingConfig
 from runner.context import JobArtifacts
-from runner.models import WEIGHTS
+from runner.models import WEIGHTS, model_device
 from runner.tracking import Tracker
 
 
 class DeviceContext(JobArtifacts):
-    """Artifacts plus the device the task owns (tasks.context.TrainContext)."""
+    """Artifacts plus the device the task owns and the repository's weight folders
+    (tasks.context.TrainContext)."""
 
     def __init__(
         self, output: Path, device: torch.device, tracker: Tracker | None = None, stream=None
@@ -54,7 +55,7 @@ class DeviceTaskRunner:
     """The actor that runs a device task; its artifacts go to the same output folder."""
 
     def run(self, job: Job, output: str, tracking: TrackingConfig) -> dict:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = model_device()
         backends = configure_backends(device)
         tracker = Tracker(Path(output), tracking, job.resolved, name=f"{job.task.name}:{Path(output).name}")
         ctx = DeviceContext(Path(output), device, tracker, stream=sys.stdout)

@@ -110,3 +110,8 @@ class TrainContext(Artifacts, Protocol):
 
     device: torch.device
     weights: WeightFolders
+
+    def read_images(self, folder: str) -> list[torch.Tensor]:
+        """Every PNG and JPEG under `folder` (recursive, sorted by path) as uint8 [3, H, W] on the CPU;
+        FileNotFoundError when there is none."""
+        ...

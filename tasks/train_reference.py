@@ -1,11 +1,15 @@
 """Train the built-in reference model: a small Flux.1-architecture denoiser on TAEF2 latents.
 
-Recipe (platform-notes.md §9 feasibility run, plus a schedule and EMA): rectified flow
-(core/flow/rectified_flow.py) with logit-normal times on standardised TAEF2 latents of random
-multi-scale, flipped 256 px crops of the training photos (core/data/photo_crops.py); AdamW with linear
-warm-up and a cosine decay to a floor; an EMA of the weights, which is what is validated, sampled
-and returned. Validation: a fixed set of crops of the eval photos with a fixed (t, eps) per crop,
-against the zero-velocity baseline on exactly the same inputs.
+Recipe (the first feasibility run on an H100, docs/reference_model.md, plus a schedule and EMA):
+rectified flow (core/flow/rectified_flow.py) with logit-normal times on standardised TAEF2 latents of
+random multi-scale, flipped 256 px crops of the training photos (core/data/photo_crops.py); AdamW
+with linear warm-up and a cosine decay to a floor; an EMA of the weights, which is what is
+validated, sampled and returned. Validation: a fixed set of crops of the eval photos with a fixed
+(t, eps) per crop, against the zero-velocity baseline on exactly the same inputs.
+
+The run is a visible loop over typed state (tasks/train_reference_state.py): a `TrainState` with
+state_dict / load_state_dict, checkpointed through ctx.save_state and restored on a re-run in the
+same output folder (docs/state.md).
 
 Decisions:
 - Crops are encoded into a bank of latents on the device, rebuilt every `bank_refresh` steps;
@@ -21,16 +25,16 @@ Decisions:
   without flips.
 - Latent mean and std are measured once, on the first bank (refresh 0), and kept in the checkpoint.
 - The host is synchronised only at log, validation and checkpoint points: losses are summed on the
-  device. The per-step CPU draws (batch indices, t, eps: ~15 ms for batch 128) are made one step
-  ahead in a worker thread and copied from pinned memory without blocking; on an H100 this raised
-  throughput from 12.3 to 18 steps/s (measured). Note: FluxBackbone.velocity still syncs the host
-  once per call (float(sigma) for RoPE, CPU frequency tables copied to the device).
+  device. The per-step CPU draws are made one step ahead in a worker thread (StepDraws); on an H100
+  this raised throughput from 12.3 to 18 steps/s (measured). Note: FluxBackbone.velocity still
+  syncs the host once per call (float(sigma) for RoPE, CPU frequency tables copied to the device).
 - Steps: the validation loss bottoms out after 3 000-4 000 steps and then rises by 0.002-0.005
   while the training loss keeps falling (the 124 training photos get memorised; measured with 5 000-
-  and 8 000-step schedules), so the default is 5 000 steps, about 280 s of training on an H100,
-  well inside a 9-minute device command.
-- The runner disables cuDNN SDPA in the training process (platform-notes.md §9: its backward fails
-  for this shape); this module does not touch global backends.
+  and 8 000-step schedules), so the default is 5 000 steps, about 280 s of training on an H100.
+- The runner disables cuDNN SDPA in the training process (its backward fails for this shape;
+  runner/device_task.py); this module does not touch global backends.
+- Images come through ctx.read_images and TAEF2 from the runner's weight folder (ctx.weights): the
+  task opens no file itself.
 - Outputs: `training.json` (the record), `samples.png`, and the EMA model in the reference-model
   folder layout (`model/`, `core.models.reference.save_reference`: bf16 safetensors shards); the
   model is also returned for callers that keep training or evaluate it.
@@ -41,18 +45,15 @@ from __future__ import annotations
 import copy
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image
 
-from core.data.photo_crops import bank_batch, extract_crops, plan_crops
+from core.eval.pictures import grid, to_uint8
 from core.flow.rectified_flow import (
-    draw_flow_inputs,
+    ValidationSet,
     make_validation_set,
     rectified_flow_loss,
     validation_loss,
@@ -69,13 +70,23 @@ from core.models.reference import (
     build_reference,
     save_reference,
 )
+from core.vae.adapters import TinyVae
+from core.vae.taef2 import Taef2Decoder, Taef2Encoder, load_taef2
 from tasks.context import TrainContext
+from tasks.train_reference_state import (
+    CropBank,
+    CropSpec,
+    StepDraws,
+    StepMeter,
+    TrainLog,
+    TrainState,
+    encode_crops,
+)
 
-CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT = "checkpoint.pt"
 VALIDATION_SEED = 0
-ENCODE_CHUNK = 256  # crops per TAEF2 call while filling a bank
-SAMPLE_STEPS, SAMPLE_MU = 28, 0.5  # Flux's mu at 256 image tokens (algorithms.md §1)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SAMPLE_STEPS = 28
+SAMPLE_MU = 0.5  # Flux's shift at 256 image tokens, a 256 px crop (core/flow/schedules.mu_for_tokens)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +114,6 @@ class TrainReferenceConfig:
     val_every: int = 1000
     checkpoint_every: int = 1000
     log_every: int = 50
-    time_limit_s: float = 530.0  # from run()'s start: stop training, then validate, save, sample
     bank_size: int = 16384
     bank_refresh: int = 2048
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on CUDA; fp32 for CPU tests
@@ -142,8 +152,6 @@ class TrainReferenceConfig:
             )
         if self.max_scale < self.min_scale:
             raise ValueError(f"train.max_scale must be >= min_scale ({self.min_scale}), got {self.max_scale}")
-        if not self.time_limit_s > 0:
-            raise ValueError(f"train.time_limit_s must be > 0, got {self.time_limit_s}")
         if self.bank_size < self.batch_size:
             raise ValueError(
                 f"train.bank_size must be >= batch_size ({self.batch_size}), got {self.bank_size}"
@@ -192,271 +200,243 @@ def learning_rate(cfg: TrainReferenceConfig, step: int) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def load_images(folder: str | Path) -> list[torch.Tensor]:
-    """Every PNG/JPEG under folder (sorted, recursive): uint8 [3, H, W], centre-cropped to multiples of 8."""
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise FileNotFoundError(f"no PNG or JPEG images under {folder}")
-    images = []
-    for path in paths:
-        with Image.open(path) as im:
-            a = np.asarray(im.convert("RGB"))
-        h, w = a.shape[0] // 8 * 8, a.shape[1] // 8 * 8
-        top, left = (a.shape[0] - h) // 2, (a.shape[1] - w) // 2
-        images.append(torch.from_numpy(np.array(a[top : top + h, left : left + w])).permute(2, 0, 1))
-    return images
-
-
-def _step_draws(
-    cfg: TrainReferenceConfig, step: int, shape: tuple[int, ...], pin: bool
-) -> tuple[torch.Tensor, ...]:
-    """Bank indices, t and eps of training step `step` on the CPU, keyed by (seed, step); pinned for a
-    non-blocking copy (no host sync) when the model is on a GPU."""
-    idx = bank_batch(cfg.bank_size, cfg.batch_size, derive_seed(cfg.seed, "batch", step))
-    draws = draw_flow_inputs(shape, derive_seed(cfg.seed, "flow", step))
-    out = (idx, draws.t, draws.eps)
-    return tuple(x.pin_memory() for x in out) if pin else out
-
-
-class _Crops:
-    """Crop sets encoded to raw TAEF2 latents on the device (float32)."""
-
-    def __init__(self, cfg: TrainReferenceConfig, encoder: torch.nn.Module, device: torch.device) -> None:
-        self.cfg, self.encoder, self.device = cfg, encoder, device
-
-    @torch.no_grad()
-    def encode(self, images: list[torch.Tensor], n: int, seed: int, *, flip: bool) -> torch.Tensor:
-        cfg = self.cfg
-        sizes = [tuple(im.shape[-2:]) for im in images]
-        plan = plan_crops(
-            sizes, n, seed, crop=cfg.crop, min_scale=cfg.min_scale, max_scale=cfg.max_scale, flip=flip
-        )
-        side = cfg.crop // 8
-        out = torch.empty(n, self.encoder[-1].out_channels, side, side, device=self.device)
-        for start in range(0, n, ENCODE_CHUNK):
-            pixels = extract_crops(images, plan[start : start + ENCODE_CHUNK], crop=cfg.crop)
-            with _autocast(cfg, self.device):
-                out[start : start + ENCODE_CHUNK] = self.encoder(pixels).float()
-        return out
+def centre_crop(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    """The centred crop of image [..., H, W] to multiples of `multiple` (TAEF2 needs /8)."""
+    h, w = image.shape[-2:]
+    nh, nw = h // multiple * multiple, w // multiple * multiple
+    top, left = (h - nh) // 2, (w - nw) // 2
+    return image[..., top : top + nh, left : left + nw].contiguous()
 
 
 def _autocast(cfg: TrainReferenceConfig, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
 
 
-def _checkpoint(model, ema, optimizer, step, stats, logs) -> dict[str, torch.Tensor]:
-    """Model, EMA and AdamW state flattened into named CPU tensors (safetensors), plus step and logs."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
-    for i, state in optimizer.state_dict()["state"].items():
-        tensors |= {f"optim.{i}.{k}": v for k, v in state.items()}
-    tensors |= {"step": torch.tensor(step), "latent_stats": torch.tensor(stats, dtype=torch.float64)}
-    tensors |= {f"log.{k}": torch.tensor(v, dtype=torch.float64) for k, v in logs.items() if v}
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+def _photos(ctx: TrainContext, folder: str) -> list[torch.Tensor]:
+    return [centre_crop(im, 8).to(ctx.device) for im in ctx.read_images(folder)]
 
 
-def _restore(tensors, model, ema, optimizer) -> tuple[int, tuple[float, float], dict[str, list]]:
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    logs = {k[4:]: v.tolist() for k, v in tensors.items() if k.startswith("log.")}
-    mean, std = tensors["latent_stats"].tolist()
-    return int(tensors["step"]), (mean, std), logs
+def _taef2(ctx: TrainContext) -> tuple[Taef2Encoder, Taef2Decoder]:
+    encoder, decoder = load_taef2(ctx.weights.taef2)
+    return encoder.to(ctx.device).requires_grad_(False), decoder.to(ctx.device).requires_grad_(False)
 
 
-def _grid(images: torch.Tensor) -> torch.Tensor:
-    """[n, 3, H, W] -> one [3, rows H, cols W] image, row-major, cols = ceil(sqrt(n))."""
-    n, c, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = images.new_zeros(c, rows * h, cols * w)
-    for i in range(n):
-        grid[:, i // cols * h : (i // cols + 1) * h, i % cols * w : (i % cols + 1) * w] = images[i]
-    return grid
-
-
-def run(cfg: TrainReferenceConfig, ctx: TrainContext) -> TrainReferenceResult:
-    import diffusers
-
-    from core.vae.adapters import TinyVae
-    from core.vae.taef2 import load_taef2
-
-    t_start = time.monotonic()
-    device = torch.device(ctx.device)
-    with ctx.timer("load_images"):
-        train_images = [im.to(device) for im in load_images(cfg.train_dir)]
-        eval_images = [im.to(device) for im in load_images(cfg.eval_dir)]
-    encoder, decoder = (m.to(device).requires_grad_(False) for m in load_taef2(ctx.weights.taef2))
-    crops = _Crops(cfg, encoder, device)
-
+def new_state(
+    cfg: TrainReferenceConfig, encoder: Taef2Encoder, images: list[torch.Tensor], device: torch.device
+) -> TrainState:
+    """Step 0: a seeded model, its EMA, AdamW (weight decay on tensors of >= 2 dims), an empty bank."""
     model = build_reference(cfg.seed, model_config(cfg)).to(device).train()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    params, ema_params = list(model.parameters()), list(ema.parameters())
+    params = list(model.parameters())
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+    spec = CropSpec(
+        crop=cfg.crop,
+        min_scale=cfg.min_scale,
+        max_scale=cfg.max_scale,
+        flips=cfg.flips,
+        bf16=cfg.precision == "bf16",
+    )
+    bank = CropBank(encoder, images, spec, size=cfg.bank_size, refresh=cfg.bank_refresh, seed=cfg.seed)
+    return TrainState(model, ema, optimizer, bank, TrainLog())
 
-    # rows of train: step, loss, grad_norm, lr, steps/s; of val: step, EMA loss, raw loss
-    logs: dict[str, list] = {"train": [], "val": []}
-    saved = ctx.load_tensors(CHECKPOINT)
-    start, stats = 0, None
-    if saved is not None:
-        start, stats, restored = _restore(saved, model, ema, optimizer)
-        logs |= restored
-        ctx.progress("resumed", start, cfg.steps, unit="steps")
-    bank_index, bank = -1, None
-    with ctx.timer("bank"):
-        if stats is None:  # measure the latent statistics on the first bank
-            raw = crops.encode(train_images, cfg.bank_size, derive_seed(cfg.seed, "bank", 0), flip=cfg.flips)
-            std_t, mean_t = torch.std_mean(raw)
-            stats = (mean_t.item(), std_t.item())
-            bank_index, bank = 0, (raw - stats[0]) / stats[1]
-        raw_val = crops.encode(
-            eval_images, cfg.val_crops, derive_seed(VALIDATION_SEED, "val crops"), flip=False
-        )
-    mean, std = stats
-    val_set = make_validation_set((raw_val - mean) / std, derive_seed(VALIDATION_SEED, "val noise"))
-    zero_loss = zero_velocity_loss(val_set, batch_size=cfg.batch_size).item()
-    ctx.record("latent_stats", {"mean": mean, "std": std})
 
-    def validate(step: int) -> None:
-        with ctx.timer("validate"), torch.no_grad(), _autocast(cfg, device):
-            ema_loss = validation_loss(ema.velocity, val_set, batch_size=cfg.batch_size).item()
-            raw_loss = validation_loss(model.velocity, val_set, batch_size=cfg.batch_size).item()
-        logs["val"].append([step, ema_loss, raw_loss])
-        ctx.log_metrics(
-            {"val/loss_ema": ema_loss, "val/loss_raw": raw_loss, "val/ratio_ema": ema_loss / zero_loss},
-            step=step,
-        )
+@dataclass(frozen=True)
+class Validation:
+    """The fixed validation inputs and the zero-velocity loss on them."""
 
-    def save(step: int) -> None:
-        with ctx.timer("checkpoint"):
-            ctx.save_tensors(CHECKPOINT, _checkpoint(model, ema, optimizer, step, stats, logs))
+    inputs: ValidationSet
+    zero_loss: float
 
-    if start == 0:
-        validate(0)
-    latent_shape = (cfg.batch_size, encoder[-1].out_channels, cfg.crop // 8, cfg.crop // 8)
-    loss_sum = torch.zeros((), device=device)
-    norm_sum = torch.zeros((), device=device)
-    step, stopped_early = start, False
-    t_train, t_log, step_log = time.monotonic(), time.monotonic(), start
-    pin = device.type == "cuda"
-    with ThreadPoolExecutor(max_workers=1) as pool:  # draws step k + 1 on the CPU while step k runs
-        pending = pool.submit(_step_draws, cfg, step, latent_shape, pin)
-        while step < cfg.steps:
-            if time.monotonic() - t_start > cfg.time_limit_s:
-                stopped_early = True
-                break
-            if step // cfg.bank_refresh != bank_index:
-                bank_index = step // cfg.bank_refresh
+
+def validation_inputs(cfg: TrainReferenceConfig, state: TrainState, images: list[torch.Tensor]) -> Validation:
+    """Crops of the eval photos keyed by VALIDATION_SEED, standardised by the bank's statistics."""
+    raw = encode_crops(
+        state.bank.encoder,
+        images,
+        state.bank.spec,
+        cfg.val_crops,
+        derive_seed(VALIDATION_SEED, "val crops"),
+        flip=False,
+    )
+    inputs = make_validation_set(state.bank.standardise(raw), derive_seed(VALIDATION_SEED, "val noise"))
+    return Validation(inputs, zero_velocity_loss(inputs, batch_size=cfg.batch_size).item())
+
+
+def validate(cfg: TrainReferenceConfig, ctx: TrainContext, state: TrainState, val: Validation) -> None:
+    with ctx.timer("validate"), torch.no_grad(), _autocast(cfg, ctx.device):
+        ema_loss = validation_loss(state.ema.velocity, val.inputs, batch_size=cfg.batch_size).item()
+        raw_loss = validation_loss(state.model.velocity, val.inputs, batch_size=cfg.batch_size).item()
+    state.log.val.append([state.step, ema_loss, raw_loss])
+    metrics = {"val/loss_ema": ema_loss, "val/loss_raw": raw_loss, "val/ratio_ema": ema_loss / val.zero_loss}
+    ctx.log_metrics(metrics, step=state.step)
+
+
+def save(ctx: TrainContext, state: TrainState) -> None:
+    with ctx.timer("checkpoint"):
+        ctx.save_state(CHECKPOINT, state.state_dict())
+
+
+def train_step(
+    cfg: TrainReferenceConfig, state: TrainState, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One AdamW update of the model and its EMA on one batch: (loss, gradient norm) on the device."""
+    model, params = state.model, list(state.model.parameters())
+    with _autocast(cfg, x0.device):
+        loss = rectified_flow_loss(model.velocity, x0, t, eps)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    for group in state.optimizer.param_groups:
+        group["lr"] = learning_rate(cfg, state.step)
+    state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    decay = min(cfg.ema_decay, (1 + state.step) / (10 + state.step))  # EMA warm-up: early weights fade fast
+    with torch.no_grad():  # else the EMA joins the autograd graph and holds every step's graph
+        torch._foreach_lerp_(list(state.ema.parameters()), params, 1.0 - decay)
+    return loss.detach(), grad_norm.detach()
+
+
+def log_train(cfg: TrainReferenceConfig, ctx: TrainContext, state: TrainState, meter: StepMeter) -> None:
+    loss, norm, rate = meter.flush(state.step)
+    lr = learning_rate(cfg, state.step - 1)
+    state.log.train.append([state.step, loss, norm, lr, rate])
+    metrics = {"train/loss": loss, "train/grad_norm": norm, "train/lr": lr, "train/steps_per_s": rate}
+    ctx.log_metrics(metrics, step=state.step)
+    ctx.progress("train", state.step, cfg.steps, unit="steps")
+
+
+def train(cfg: TrainReferenceConfig, ctx: TrainContext, state: TrainState, val: Validation) -> float:
+    """The training loop, from state.step to cfg.steps; returns its wall time in seconds."""
+    bank = state.bank
+    shape = (cfg.batch_size, bank.encoder[-1].out_channels, cfg.crop // 8, cfg.crop // 8)
+    meter, started = StepMeter(ctx.device, state.step), time.monotonic()
+    draws = StepDraws(
+        seed=cfg.seed,
+        bank_size=cfg.bank_size,
+        batch=cfg.batch_size,
+        shape=shape,
+        steps=cfg.steps,
+        device=ctx.device,
+    )
+    with draws:
+        while state.step < cfg.steps:
+            if bank.stale(state.step):
                 with ctx.timer("bank"):
-                    raw = crops.encode(
-                        train_images, cfg.bank_size, derive_seed(cfg.seed, "bank", bank_index), flip=cfg.flips
-                    )
-                    bank = (raw - mean) / std
-                    del raw
-            # --- one training step ---------------------------------------------------------------------
-            idx, t, eps = (x.to(device, non_blocking=True) for x in pending.result())
-            if step + 1 < cfg.steps:
-                pending = pool.submit(_step_draws, cfg, step + 1, latent_shape, pin)
-            with _autocast(cfg, device):
-                loss = rectified_flow_loss(model.velocity, bank[idx], t, eps)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            lr = learning_rate(cfg, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # EMA warm-up: early weights fade fast
-            with torch.no_grad():  # else the EMA joins the autograd graph and holds every step's graph
-                torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-            loss_sum += loss.detach()
-            norm_sum += grad_norm.detach()
-            step += 1
-            # --- host syncs only below, every log_every / val_every / checkpoint_every steps -----------
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                n = step - step_log
-                loss_mean, norm_mean = loss_sum.item() / n, norm_sum.item() / n
-                rate = n / (time.monotonic() - t_log)
-                logs["train"].append([step, loss_mean, norm_mean, lr, rate])
-                ctx.log_metrics(
-                    {
-                        "train/loss": loss_mean,
-                        "train/grad_norm": norm_mean,
-                        "train/lr": lr,
-                        "train/steps_per_s": rate,
-                    },
-                    step=step,
-                )
-                ctx.progress("train", step, cfg.steps, unit="steps")
-                loss_sum.zero_(), norm_sum.zero_()
-                t_log, step_log = time.monotonic(), step
-            if step % cfg.val_every == 0 and step < cfg.steps:
-                validate(step)
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save(step)
-    train_s = time.monotonic() - t_train
-    del bank
+                    bank.build(state.step)
+            idx, t, eps = draws.take(state.step)
+            meter.add(*train_step(cfg, state, bank.latents[idx], t, eps))
+            state.step += 1
+            # host syncs only below, every log_every / val_every / checkpoint_every steps
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                log_train(cfg, ctx, state, meter)
+            if state.step % cfg.val_every == 0 and state.step < cfg.steps:
+                validate(cfg, ctx, state, val)
+            if state.step % cfg.checkpoint_every == 0 and state.step < cfg.steps:
+                save(ctx, state)
+    bank.latents = None
+    return time.monotonic() - started
 
-    if not logs["val"] or logs["val"][-1][0] != step:
-        validate(step)
-    save(step)
-    meta = ReferenceMeta(latent_shift=mean, latent_scale=1.0 / std, native_size=REFERENCE_NATIVE_SIZE)
+
+def run(cfg: TrainReferenceConfig, ctx: TrainContext) -> TrainReferenceResult:
+    started = time.monotonic()
+    with ctx.timer("load_images"):
+        train_images, eval_images = _photos(ctx, cfg.train_dir), _photos(ctx, cfg.eval_dir)
+    encoder, decoder = _taef2(ctx)
+    state = new_state(cfg, encoder, train_images, ctx.device)
+    saved = ctx.load_state(CHECKPOINT)
+    if saved is not None:
+        state.load_state_dict(saved)
+        ctx.progress("resumed", state.step, cfg.steps, unit="steps")
+    with ctx.timer("bank"):
+        if state.bank.mean is None:
+            state.bank.build(0)  # measures the latent statistics
+        val = validation_inputs(cfg, state, eval_images)
+    ctx.record("latent_stats", {"mean": state.bank.mean, "std": state.bank.std})
+    if saved is None:
+        validate(cfg, ctx, state, val)
+    train_s = train(cfg, ctx, state, val)
+    if state.log.val[-1][0] != state.step:
+        validate(cfg, ctx, state, val)
+    save(ctx, state)
+    meta = ReferenceMeta(
+        latent_shift=state.bank.mean, latent_scale=1.0 / state.bank.std, native_size=REFERENCE_NATIVE_SIZE
+    )
+    ctx.save_image(
+        "samples.png",
+        samples(cfg, ctx, state.ema, TinyVae(encoder, decoder, meta.latent_shift, meta.latent_scale)),
+    )
+    resumed_from = None if saved is None else int(saved["step"])
+    record = training_record(
+        cfg, ctx, state, val, resumed_from=resumed_from, train_s=train_s, wall_s=time.monotonic() - started
+    )
+    ctx.save_json("training.json", record)
+    save_reference(state.ema, ctx.directory("model"), meta)
+    ctx.record("reference_training", record["final"] | {"zero_velocity_loss": val.zero_loss})
+    return TrainReferenceResult(model=state.ema, meta=meta, record=record)
+
+
+def samples(cfg: TrainReferenceConfig, ctx: TrainContext, ema: ReferenceDenoiser, vae: TinyVae) -> np.ndarray:
+    """n_samples Euler samples of the EMA model from seeded noise, decoded, as one uint8 grid image."""
+    device = ctx.device
     with ctx.timer("sample"), torch.no_grad(), _autocast(cfg, device):
         side = cfg.crop // 8
-        noise = gaussian_noise((cfg.n_samples, latent_shape[1], side, side), derive_seed(cfg.seed, "samples"))
-        sigmas = get_sigmas(SAMPLE_STEPS, SAMPLE_MU)
+        noise = gaussian_noise(
+            (cfg.n_samples, vae.latent_channels, side, side), derive_seed(cfg.seed, "samples")
+        )
         x = sample_euler(
             lambda x, sigma, k: ema.velocity(x, torch.full((x.shape[0],), sigma, device=device)),
             noise.to(device),
-            sigmas,
+            get_sigmas(SAMPLE_STEPS, SAMPLE_MU),
         )
-    samples = TinyVae(encoder, decoder, shift=meta.latent_shift, scale=meta.latent_scale).decode(x.float())
-    ctx.save_image("samples.png", _grid(samples.cpu()))
+    images = vae.decode(x.float()).cpu()
+    return grid([to_uint8(im) for im in images], cols=math.ceil(math.sqrt(len(images))), pad=0)
 
-    last = logs["val"][-1]
-    record = {
+
+def training_record(
+    cfg: TrainReferenceConfig,
+    ctx: TrainContext,
+    state: TrainState,
+    val: Validation,
+    *,
+    resumed_from: int | None,
+    train_s: float,
+    wall_s: float,
+) -> dict:
+    """training.json: config, model, statistics, the log rows, the final validation and the timings."""
+    import diffusers
+
+    zero, last = val.zero_loss, state.log.val[-1]
+    start = resumed_from or 0
+    return {
         "config": asdict(cfg),
         "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in model_config(cfg).items()},
-        "parameters": sum(p.numel() for p in params),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "parameters": sum(p.numel() for p in state.model.parameters()),
+        "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
-        "latent_mean": mean,
-        "latent_std": std,
-        "zero_velocity_loss": zero_loss,
+        "latent_mean": state.bank.mean,
+        "latent_std": state.bank.std,
+        "zero_velocity_loss": zero,
         "train": [
             {"step": int(r[0])} | dict(zip(("loss", "grad_norm", "lr", "steps_per_s"), r[1:], strict=True))
-            for r in logs["train"]
+            for r in state.log.train
         ],
         "val": [
-            {
-                "step": int(s),
-                "loss_ema": e,
-                "loss_raw": r,
-                "ratio_ema": e / zero_loss,
-                "ratio_raw": r / zero_loss,
-            }
-            for s, e, r in logs["val"]
+            {"step": int(s), "loss_ema": e, "loss_raw": r, "ratio_ema": e / zero, "ratio_raw": r / zero}
+            for s, e, r in state.log.val
         ],
         "final": {
-            "step": step,
+            "step": state.step,
             "val_loss_ema": last[1],
             "val_loss_raw": last[2],
-            "ratio_ema": last[1] / zero_loss,
+            "ratio_ema": last[1] / zero,
         },
-        "resumed_from": start if saved is not None else None,
-        "stopped_early": stopped_early,
+        "resumed_from": resumed_from,
         "train_time_s": train_s,
-        "steps_per_s": (step - start) / train_s if step > start else 0.0,
-        "wall_time_s": time.monotonic() - t_start,
+        "steps_per_s": (state.step - start) / train_s if state.step > start else 0.0,
+        "wall_time_s": wall_s,
         "samples": {
             "n": cfg.n_samples,
             "steps": SAMPLE_STEPS,
@@ -464,7 +444,3 @@ def run(cfg: TrainReferenceConfig, ctx: TrainContext) -> TrainReferenceResult:
             "seed": derive_seed(cfg.seed, "samples"),
         },
     }
-    ctx.save_json("training.json", record)
-    save_reference(ema, ctx.directory("model"), meta)
-    ctx.record("reference_training", record["final"] | {"zero_velocity_loss": zero_loss})
-    return TrainReferenceResult(model=ema, meta=meta, record=record)
