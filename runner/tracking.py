@@ -1,6 +1,6 @@
 """Metrics sinks: a local JSONL file always; Comet online (COMET_API_KEY in the environment) or
 offline when the job asks. comet_ml is imported lazily, after its network-touching features are
-turned off (platform-notes.md §5)."""
+turned off (docs/runner.md, Tracking)."""
 
 from __future__ import annotations
 

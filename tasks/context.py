@@ -94,7 +94,10 @@ class ModelPool(Protocol):
         many image pixels with exact GroupNorm statistics, spread over the pool."""
         ...
 
-    def decode(self, latents: torch.Tensor, *, tile: int = 0) -> torch.Tensor: ...
+    def decode(self, latents: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
+        """Model-space latents [1, C, h, w] -> images in [0, 1]; tile as for encode, in image pixels
+        (docs/vae.md)."""
+        ...
 
 
 class UpscaleContext(Artifacts, ModelPool, Protocol):

@@ -1,6 +1,6 @@
 """Train the built-in reference model: a small Flux.1-architecture denoiser on TAEF2 latents.
 
-Recipe (the first feasibility run on an H100, docs/reference_model.md, plus a schedule and EMA):
+Recipe (a feasibility run on an H100, docs/models.md, plus a schedule, an EMA and a crop bank):
 rectified flow (core/flow/rectified_flow.py) with logit-normal times on standardised TAEF2 latents of
 random multi-scale, flipped 256 px crops of the training photos (core/data/photo_crops.py); AdamW
 with linear warm-up and a cosine decay to a floor; an EMA of the weights, which is what is

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports ray, diffusers, transformers or comet_ml (platform-notes.md §10).
+# Before anything imports ray, diffusers, transformers or comet_ml (docs/runner.md, Tests).
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

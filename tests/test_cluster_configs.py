@@ -1,5 +1,6 @@
 """Deployment files validate offline: the cluster-launcher YAMLs through Ray's own prepare_config +
-validate_config (platform-notes.md §3.7), the KubeRay RayJob by its schema's required fields."""
+validate_config (docs/runner.md, "Tests and deployment files"), the KubeRay RayJob by its schema's
+required fields."""
 
 from __future__ import annotations
 

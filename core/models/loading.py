@@ -52,7 +52,7 @@ class ModelSpec:
     vae: "" = the kind's default (reference/tiny: TAEF2; flux: the pipeline's VAE; flux-dev random:
       a random AutoencoderKL of Flux's shape); "taef2" (a flux-dev random transformer then takes
       TAEF2's 32-channel latents); or a hub id / directory / file of an AutoencoderKL.
-    dtype: "auto" = bfloat16 on CUDA, float32 on CPU.
+    dtype: "auto" = bfloat16 on CUDA, float32 on CPU (the runner decides: runner/models.py).
     prompt / prompt_embeds: Flux conditioning (text through the pipeline's encoders, or a safetensors
       file with prompt_embeds and pooled_prompt_embeds); the reference model has learned tokens.
     """
