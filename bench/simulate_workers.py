@@ -40,6 +40,25 @@ class SimulatedDeviceWorker(ModelWorker):
         return v
 
 
+def sim_job(tmp: Path, workers: int, steps: int) -> dict:
+    """One 256 -> 512 px phase of 128 px tiles (25 views a step) on `workers` simulated GPUs."""
+    return {
+        "task": "upscale",
+        "output": str(tmp / f"w{workers}"),
+        "pool": {"name": "sim", "workers": workers, "gpus_per_worker": 1, "max_batch": 1},
+        "model": {"kind": "random", "shape": "tiny"},
+        "image": str(tmp / "in.png"),
+        "target": [512, 512],
+        "phases": 1,
+        "steps": steps,
+        "denoise": [1.0],
+        "skip": False,
+        "coherence": {"dilated": False},
+        "tiling": {"method": "multidiffusion", "tile": 128, "overlap": 32},
+        "outputs": {"phase_images": False, "latent_stats": False, "compare_bicubic": False},
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", default="1,2,4,8")
@@ -73,21 +92,7 @@ def main() -> None:
     pool = connect_pool(pool_cfg, spec, worker_cls=SimulatedDeviceWorker)  # all workers up before timing
     runs = []
     for n in counts:
-        job = {
-            "task": "upscale",
-            "output": str(tmp / f"w{n}"),
-            "pool": {"name": "sim", "workers": n, "gpus_per_worker": 1, "max_batch": 1},
-            "model": {"kind": "random", "shape": "tiny"},
-            "image": str(tmp / "in.png"),
-            "target": [512, 512],
-            "phases": 1,
-            "steps": args.steps,
-            "denoise": [1.0],
-            "skip": False,
-            "coherence": {"dilated": False},
-            "tiling": {"method": "multidiffusion", "tile": 128, "overlap": 32},
-            "outputs": {"phase_images": False, "latent_stats": False, "compare_bicubic": False},
-        }
+        job = sim_job(tmp, n, args.steps)
         (tmp / f"w{n}.yaml").write_text(yaml.safe_dump(job))
         record = run_job(tmp / f"w{n}.yaml", stream=open(os.devnull, "w"))[0].record
         views = record["records"]["views_per_step"]["phase1"]

@@ -357,47 +357,58 @@ def run_direct(b: Bench) -> dict:
     }
 
 
-def run_oom(b: Bench) -> dict:
-    """Cap a worker's memory below what its batches need; the batches split and job.json says so."""
+def oom_probe(b: Bench, model: dict, tile: int, out_px: int) -> dict:
+    """On one uncapped worker: the weights, one view's and one untiled decode's memory (GiB), and
+    the memory fraction and batch size that make the job's batches (not the VAE) run out of memory."""
     import ray
 
     from runner.config import PoolConfig
     from runner.pool.pool import shutdown_pool
     from runner.pool.ray_pool import RayModelPool
 
-    # The Flux.1-dev transformer on TAEF2 latents: the VAE's full-resolution activations (9.5 GiB for a
-    # 2048 px decode with Flux's AutoencoderKL, measured) would otherwise need more memory than any
-    # batch of views, and no cap could make a batch fail while the VAE still fits.
-    model = {**b.model, "vae": "taef2"}
-    release_pool("bench")  # free the GPUs the other measurements' workers hold
     pool = b.connect(b.pool_fields(1, name="oom-probe"), model)
     rp = RayModelPool(pool, PoolConfig(**b.pool_fields(1, name="oom-probe")), job="probe")
     rp.cond()
     w = pool.workers[0]
-    tile = b.px(512)
     lat = tile // 8
     one = ray.get(w.time_forward.remote("probe", (rp.latent_channels, lat, lat), 1, warmup=1, reps=1))
     base = ray.get(w.memory.remote())
     ray.get(w.reset_peak_memory.remote())
-    out_px = b.px(2048)
     ray.get(w.decode.remote(torch.randn(1, rp.latent_channels, out_px // 8, out_px // 8)))
     vae_peak = ray.get(w.memory.remote())
     rp.close()
     shutdown_pool(pool)
-    gib = 1024**3
     total = base.get("total_gib", 0)
     weights = base.get("allocated_gib", 0)
     per_view = max(one.get("peak_allocated_gib", 0) - weights, 1e-3)
     vae_need = max(vae_peak.get("peak_allocated_gib", 0) - weights, 0.0)
     headroom = max(vae_need * 1.3 + 0.5, per_view * 3)
-    fraction = min(0.98, (weights + headroom + 1.0) / total) if total else 1.0
-    batch = max(4, min(49, math.ceil(2.5 * headroom / per_view)))
+    return {
+        "weights_gib": weights,
+        "per_view_gib": round(per_view, 3),
+        "vae_decode_gib": round(vae_need, 3),
+        "total_gib": total,
+        "memory_fraction": round(min(0.98, (weights + headroom + 1.0) / total) if total else 1.0, 4),
+        "max_batch": max(4, min(49, math.ceil(2.5 * headroom / per_view))),
+    }
+
+
+def run_oom(b: Bench) -> dict:
+    """Cap a worker's memory below what its batches need; the batches split and job.json says so."""
+    # The Flux.1-dev transformer on TAEF2 latents: the VAE's full-resolution activations (9.5 GiB for a
+    # 2048 px decode with Flux's AutoencoderKL, measured) would otherwise need more memory than any
+    # batch of views, and no cap could make a batch fail while the VAE still fits.
+    model = {**b.model, "vae": "taef2"}
+    release_pool("bench")  # free the GPUs the other measurements' workers hold
+    tile, out_px = b.px(512), b.px(2048)
+    probe = oom_probe(b, model, tile, out_px)
+    batch, fraction = probe["max_batch"], probe["memory_fraction"]
     fields = {
         "pool": {
             **b.pool_fields(1),
             "name": "oom",
             "max_batch": batch,
-            "gpu_memory_fraction": round(fraction, 4),
+            "gpu_memory_fraction": fraction,
         },
         "model": model,
         "image": synthetic_image(b.tmp / "in_oom.png", out_px),
@@ -415,19 +426,12 @@ def run_oom(b: Bench) -> dict:
     return {
         "bench": "oom_fallback",
         "env": b.env,
-        "probe": {
-            "weights_gib": weights,
-            "per_view_gib": round(per_view, 3),
-            "vae_decode_gib": round(vae_need, 3),
-            "total_gib": total,
-            "memory_fraction": round(fraction, 4),
-            "max_batch": batch,
-        },
+        "probe": probe,
         "fallbacks": record["fallbacks"],
         "status": record["status"],
         "views_per_step": record["records"]["views_per_step"],
         "worker_memory": record["pool"].get("worker_memory"),
-        "unit_gib": gib,
+        "unit_gib": 1024**3,
     }
 
 
