@@ -4,9 +4,9 @@
 #   docker build -t registry.example.com/tessera:0.1.0 .
 #   docker push registry.example.com/tessera:0.1.0
 #
-# Base: the PyTorch project's CUDA runtime image for torch 2.13.0 (CUDA 13.0, cuDNN 9; Ubuntu with
-# Python and pip in /opt/conda). torch stays the base's build: the install below is constrained to it,
-# so pip never swaps in another torch. Another CUDA torch in 2.11-2.13 works too
+# Base: the PyTorch project's CUDA runtime image for torch 2.13.0 (CUDA 13.0, cuDNN 9, on Ubuntu,
+# with python and pip on its PATH). torch stays the base's build: the install below is constrained
+# to it, so pip never swaps in another torch. Another CUDA torch in 2.11-2.13 works too
 # (--build-arg BASE_IMAGE=pytorch/pytorch:<torch>-cuda<cuda>-cudnn9-runtime); the host driver must
 # support the image's CUDA version.
 #
@@ -27,7 +27,8 @@ RUN python -m pip wheel --no-deps --no-cache-dir --wheel-dir /wheels /src
 FROM ${BASE_IMAGE}
 
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bash wget rsync ca-certificates \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        bash wget rsync ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && (getent group 100 >/dev/null || groupadd --gid 100 users) \
  && old="$(getent passwd 1000 | cut -d: -f1)" && if [ -n "$old" ]; then userdel --remove "$old"; fi \
@@ -40,7 +41,7 @@ RUN python -c "import torch; print('torch==' + torch.__version__)" > /tmp/torch-
  && python -m pip install --no-cache-dir --constraint /tmp/torch-constraint.txt \
         "$(ls /tmp/wheels/tessera-*.whl)[gpu,comet]" \
  && COMET_DISABLE_AUTO_LOGGING=1 COMET_ERROR_TRACKING_ENABLE=false python -c \
-        "import ray, torch, diffusers, accelerate, comet_ml; print('ray', ray.__version__, 'torch', torch.__version__)" \
+        "import ray, torch, diffusers, accelerate, comet_ml; print(ray.__version__, torch.__version__)" \
  && rm -rf /tmp/wheels /tmp/torch-constraint.txt
 
 # The repository copy is also the working directory: RayJob entrypoints name job files under
