@@ -72,6 +72,15 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
 
     ray_bin = Path(sys.executable).parent / "ray"
     port, dash = _free_port(), _free_port()
+    # Every port the head listens on is chosen here: Ray's fixed defaults (e.g. the dashboard
+    # agent's 52365) collide with any other Ray on a shared host.
+    agent_ports = {
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+        "--ray-client-server-port": _free_port(),
+    }
     # Ray's socket paths live under the temp dir and must stay short (AF_UNIX: 107 bytes).
     temp_dir = tempfile.mkdtemp(prefix="tsr-", dir="/tmp")
     os.environ["RAY_TMPDIR"] = temp_dir
@@ -93,6 +102,7 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
         f"--dashboard-port={dash}",
         "--disable-usage-stats",
         "--object-store-memory=400000000",
+        *(f"{flag}={value}" for flag, value in agent_ports.items()),
     ]
     log = open(Path(temp_dir) / "ray_start.log", "w")  # noqa: SIM115 (closed at teardown)
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
