@@ -90,11 +90,13 @@ class Capture:
         b, h, nq, d = self.q_sub.shape
         if self.teacher_sub.shape != self.q_sub.shape:
             raise ValueError(
-                f"capture teacher_sub {tuple(self.teacher_sub.shape)} must match q_sub {tuple(self.q_sub.shape)}"
+                f"capture teacher_sub {tuple(self.teacher_sub.shape)} must match "
+                f"q_sub {tuple(self.q_sub.shape)}"
             )
         if self.k.shape != self.v.shape or (self.k.shape[0], self.k.shape[1], self.k.shape[3]) != (b, h, d):
             raise ValueError(
-                f"capture k {tuple(self.k.shape)} and v {tuple(self.v.shape)} must be [B={b}, H={h}, N, D={d}]"
+                f"capture k {tuple(self.k.shape)} and v {tuple(self.v.shape)} must be "
+                f"[B={b}, H={h}, N, D={d}]"
             )
         n = self.k.shape[2]
         idx = self.query_index

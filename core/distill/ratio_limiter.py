@@ -5,7 +5,8 @@ It couples producers (teacher captures) to consumers (trainers) so that, on aver
 sampled `samples_per_insert` times. With I inserts, S samples and D deletes so far (the current
 size is I - D) and the band
 
-    offset = samples_per_insert * min_size,  [min_diff, max_diff] = [offset - error_buffer, offset + error_buffer]
+    offset = samples_per_insert * min_size
+    [min_diff, max_diff] = [offset - error_buffer, offset + error_buffer]
 
     an insert of 1 is allowed  iff  I + 1 - D <= min_size   or  (I + 1) * spi - S <= max_diff
     a sample of n is allowed   iff  I - D >= min_size      and  I * spi - S - n >= min_diff

@@ -66,7 +66,7 @@ class SampledCapture:
 
 
 class ReplayClient:
-    """Talks to one store: in-process (`local`) or the node's actor (`runner.replay.actor.client_for_node`)."""
+    """Talks to one store: in-process (`local`) or the node's actor (`actor.client_for_node`)."""
 
     def __init__(self, call: Callable[..., Any]) -> None:
         self._call = call  # call(method_name, *args) -> the store method's result
@@ -103,7 +103,7 @@ class ReplayClient:
         refs = self._call("sample", layer, n)
         if isinstance(refs, Blocked):
             return refs
-        return [s for s in map(self._open, refs) if s is not None]
+        return [s for s in map(self.read, refs) if s is not None]
 
     def sample(self, layer: str, n: int = 1, *, timeout_s: float | None = None) -> list[SampledCapture]:
         """n training captures of `layer`, waiting while the store says so (at most timeout_s)."""
@@ -119,10 +119,10 @@ class ReplayClient:
     def sample_validation(self, layer: str, n: int) -> list[SampledCapture]:
         """Up to n held-out captures of `layer` (fewer if the layer has fewer, or some were damaged)."""
         refs = self._call("sample_validation", layer, n)
-        return [s for s in map(self._open, refs) if s is not None]
+        return [s for s in map(self.read, refs) if s is not None]
 
-    def _open(self, ref: SampleRef) -> SampledCapture | None:
-        """Map and check one sampled shard; None if it is gone or damaged (reported)."""
+    def read(self, ref: SampleRef) -> SampledCapture | None:
+        """Map and check the shard of `ref`; None if the capture is gone or damaged (then reported)."""
         for _ in range(3):  # a shard can spill between `sample` and here; follow it
             try:
                 mapped = pa.memory_map(ref.path)
@@ -152,7 +152,8 @@ class ReplayClient:
         st = os.fstat(mapped.fileno())
         key = (ref.order, ref.path, st.st_ino, st.st_size, st.st_mtime_ns)
         if st.st_size != ref.nbytes:
-            return f"{'truncated' if st.st_size < ref.nbytes else 'oversized'}: {st.st_size} bytes, expected {ref.nbytes}"
+            kind = "truncated" if st.st_size < ref.nbytes else "oversized"
+            return f"{kind}: {st.st_size} bytes, expected {ref.nbytes}"
         if key in self._verified:
             return None
         problem = check_mapped(mapped, ref.nbytes, ref.crc32)

@@ -121,6 +121,14 @@ class TierDirs:
             for folder in (d, d / "quarantine"):
                 for entry in os.scandir(folder):
                     if entry.is_file() and SHARD_RE.match(entry.name):
-                        total += entry.stat().st_size
+                        total += _size_if_present(entry)
             out[tier] = total
         return out
+
+
+def _size_if_present(entry: os.DirEntry) -> int:
+    """A listed file's size, or 0 if it was deleted since the listing (measuring races the store)."""
+    try:
+        return entry.stat().st_size
+    except FileNotFoundError:
+        return 0
