@@ -114,16 +114,19 @@ class TierDirs:
         return gone
 
     def measured_bytes(self) -> dict[Tier, int]:
-        """Bytes of every file in each tier directory (shards, partials, quarantine), from the filesystem."""
-        out = {}
-        for tier, d in self.dirs.items():
-            total = 0
-            for folder in (d, d / "quarantine"):
-                for entry in os.scandir(folder):
-                    if entry.is_file() and SHARD_RE.match(entry.name):
-                        total += _size_if_present(entry)
-            out[tier] = total
-        return out
+        """Bytes of every shard file in each tier (committed, partial, quarantined), from the filesystem."""
+        return {tier: dir_bytes(d) for tier, d in self.dirs.items()}
+
+
+def dir_bytes(d: Path) -> int:
+    """Bytes of the shard-named files in a tier directory and its quarantine folder."""
+    total = 0
+    for folder in (d, d / "quarantine"):
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                if entry.is_file() and SHARD_RE.match(entry.name):
+                    total += _size_if_present(entry)
+    return total
 
 
 def _size_if_present(entry: os.DirEntry) -> int:
