@@ -18,7 +18,7 @@ import os
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from runner.replay.client import ReplayClient
+from runner.replay.client import MAP_CACHE_BYTES, ReplayClient
 from runner.replay.config import ReplayConfig
 from runner.replay.store import ReplayStore
 
@@ -86,7 +86,7 @@ def shutdown_store(handle, *, delete_files: bool = True) -> None:
     ray.kill(handle)
 
 
-def client_for_node(node_id: str | None = None) -> ReplayClient:
+def client_for_node(node_id: str | None = None, *, map_cache_bytes: int = MAP_CACHE_BYTES) -> ReplayClient:
     """A client of the store on `node_id` (default: the calling process's node)."""
     node_id = node_id or current_node_id()
     try:
@@ -95,8 +95,10 @@ def client_for_node(node_id: str | None = None) -> ReplayClient:
         raise StoreNotFound(
             f"no replay store on node {node_id}: the job's driver creates it (connect_store)"
         ) from err
-    return client_for(handle)
+    return client_for(handle, map_cache_bytes=map_cache_bytes)
 
 
-def client_for(handle) -> ReplayClient:
-    return ReplayClient(lambda method, *args: ray.get(getattr(handle, method).remote(*args)))
+def client_for(handle, *, map_cache_bytes: int = MAP_CACHE_BYTES) -> ReplayClient:
+    """A client of the store actor `handle` (map_cache_bytes: see runner.replay.client)."""
+    call = lambda method, *args: ray.get(getattr(handle, method).remote(*args))  # noqa: E731
+    return ReplayClient(call, map_cache_bytes=map_cache_bytes)

@@ -15,6 +15,12 @@ disturb it (an unlinked file stays readable while mapped). Each shard's size is 
 open and its CRC-32 on this process's first read of it; a damaged one is reported (the store
 quarantines it) and replaced by another sample.
 
+Mappings are kept between samples (up to `map_cache_bytes`, least recently used first out): setting
+up a fresh map of a large shard costs about as much as copying it again (the page tables are
+rebuilt), so a shard sampled again is read at memory-copy speed. A kept map whose file the store has
+since spilled or evicted (its link count is 0) is dropped at the next sample call, so the pages of deleted
+shards that this process keeps alive are bounded by `map_cache_bytes` plus the views it holds.
+
 Waiting: the store never blocks (one call at a time would stall every other caller); `try_insert`
 and `try_sample` return `Blocked` with a reason, and `insert` / `sample` poll with a short backoff
 until the store admits them or `timeout_s` passes (ReplayTimeout).
@@ -45,6 +51,8 @@ from runner.replay.shards import (
 from runner.replay.store import InsertTicket, ReplayStore, SampleRef
 
 VERIFIED_CACHE = 65536  # shards whose CRC this process has checked (keys only, a few MB at most)
+MAP_CACHE_BYTES = 1 << 30  # shards kept mapped between samples (re-mapping costs more than the copy)
+MAP_CACHE_FILES = 256
 
 
 class ReplayTimeout(TimeoutError):
@@ -68,13 +76,16 @@ class SampledCapture:
 class ReplayClient:
     """Talks to one store: in-process (`local`) or the node's actor (`actor.client_for_node`)."""
 
-    def __init__(self, call: Callable[..., Any]) -> None:
+    def __init__(self, call: Callable[..., Any], *, map_cache_bytes: int = MAP_CACHE_BYTES) -> None:
         self._call = call  # call(method_name, *args) -> the store method's result
+        self.map_cache_bytes = map_cache_bytes
         self._verified: OrderedDict[tuple, None] = OrderedDict()
+        self._maps: OrderedDict[tuple[int, str], pa.MemoryMappedFile] = OrderedDict()
+        self._mapped_bytes = 0
 
     @classmethod
-    def local(cls, store: ReplayStore) -> ReplayClient:
-        return cls(lambda name, *args: getattr(store, name)(*args))
+    def local(cls, store: ReplayStore, *, map_cache_bytes: int = MAP_CACHE_BYTES) -> ReplayClient:
+        return cls(lambda name, *args: getattr(store, name)(*args), map_cache_bytes=map_cache_bytes)
 
     # ---- insert -----------------------------------------------------------------------------
     def try_insert(self, capture: Capture) -> Inserted | Blocked:
@@ -103,6 +114,7 @@ class ReplayClient:
         refs = self._call("sample", layer, n)
         if isinstance(refs, Blocked):
             return refs
+        self._forget_deleted_maps()
         return [s for s in map(self.read, refs) if s is not None]
 
     def sample(self, layer: str, n: int = 1, *, timeout_s: float | None = None) -> list[SampledCapture]:
@@ -119,13 +131,14 @@ class ReplayClient:
     def sample_validation(self, layer: str, n: int) -> list[SampledCapture]:
         """Up to n held-out captures of `layer` (fewer if the layer has fewer, or some were damaged)."""
         refs = self._call("sample_validation", layer, n)
+        self._forget_deleted_maps()
         return [s for s in map(self.read, refs) if s is not None]
 
     def read(self, ref: SampleRef) -> SampledCapture | None:
         """Map and check the shard of `ref`; None if the capture is gone or damaged (then reported)."""
         for _ in range(3):  # a shard can spill between `sample` and here; follow it
             try:
-                mapped = pa.memory_map(ref.path)
+                mapped = self._map(ref)
             except FileNotFoundError:
                 ref = self._call("locate", ref.order)
                 if ref is None:
@@ -141,12 +154,38 @@ class ReplayClient:
                     if order == ref.order:
                         return SampledCapture(ref, capture)
                     problem = f"shard holds capture {order}, expected {ref.order}"
+            self._unmap((ref.order, ref.path))
             if not self._call("report_damaged", ref.order, problem):
                 raise RuntimeError(
                     f"capture {ref.order} at {ref.path} looked damaged here ({problem}) but not to the store"
                 )
             return None
         return None
+
+    def _forget_deleted_maps(self) -> None:
+        """Drop kept maps whose files were spilled or evicted since (link count 0): let their pages go."""
+        for key, kept in list(self._maps.items()):
+            if os.fstat(kept.fileno()).st_nlink == 0:
+                self._unmap(key)
+
+    def _map(self, ref: SampleRef) -> pa.MemoryMappedFile:
+        key = (ref.order, ref.path)
+        if key in self._maps:
+            self._maps.move_to_end(key)
+            return self._maps[key]
+        mapped = pa.memory_map(ref.path)
+        if mapped.size() <= self.map_cache_bytes:
+            self._maps[key] = mapped
+            self._mapped_bytes += mapped.size()
+            while self._mapped_bytes > self.map_cache_bytes or len(self._maps) > MAP_CACHE_FILES:
+                self._unmap(next(iter(self._maps)))
+        return mapped
+
+    def _unmap(self, key: tuple[int, str]) -> None:
+        """Forget a kept map (views of it stay valid: the mapping ends with the last of them)."""
+        kept = self._maps.pop(key, None)
+        if kept is not None:
+            self._mapped_bytes -= kept.size()
 
     def _check(self, mapped: pa.MemoryMappedFile, ref: SampleRef) -> str | None:
         st = os.fstat(mapped.fileno())

@@ -173,6 +173,7 @@ def write_shard(path: str, batch: pa.RecordBatch, *, limit: int) -> WrittenShard
 
 def file_crc32(mapped: pa.MemoryMappedFile) -> int:
     """CRC-32 over a memory-mapped file's bytes (read straight from the page cache)."""
+    mapped.seek(0)
     return zlib.crc32(mapped.read_buffer(mapped.size()))
 
 
