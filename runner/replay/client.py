@@ -170,6 +170,8 @@ class ReplayClient:
 
     def _map(self, ref: SampleRef) -> pa.MemoryMappedFile:
         key = (ref.order, ref.path)
+        if key in self._maps and os.fstat(self._maps[key].fileno()).st_nlink == 0:
+            self._unmap(key)  # the file moved or went since it was mapped: look again
         if key in self._maps:
             self._maps.move_to_end(key)
             return self._maps[key]
