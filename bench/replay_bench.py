@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -257,7 +258,7 @@ def object_store_path(pool: list[Capture], n_insert: int, samples: int, *, budge
             got = ray.get(ref)
             if kind == "numpy":  # zero-copy read-only views of the object: copy out like the store path
                 for d, a in zip(dst, got, strict=True):
-                    d.view(torch.int16 if d.dtype == torch.bfloat16 else d.dtype).copy_(torch.from_numpy(a))
+                    np.copyto(d.view(torch.int16 if d.dtype == torch.bfloat16 else d.dtype).numpy(), a)
             get_s += time.perf_counter() - t0
             del got
         held.clear()
