@@ -3,6 +3,7 @@ checkpoint and resume. (The actor and several nodes: test_replay_actor.py, test_
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 from pathlib import Path
@@ -12,9 +13,11 @@ import pytest
 import torch
 from test_replay_helpers import make_capture, ram_tmpdir, remove, same_bits
 
+from core.distill.capture import Capture
 from core.distill.ratio_limiter import RatioLimiterConfig
 from core.distill.replay_policy import Blocked, ReplayPolicyConfig
 from core.distill.tiers import CaptureTooLarge
+from core.state import Stateful
 from runner.replay import ReplayClient, ReplayConfig, ReplayStore, TierFull
 from runner.replay.shards import capture_batch, shard_size
 
@@ -205,8 +208,11 @@ def test_checkpoint_and_resume_give_the_identical_sample_sequence(tmp_path):
             made: dict[int, int] = {}
             runs[name, "first"] = drive(client, first, made)
             if name == "resumed":
-                state = store.state_dict()
+                assert isinstance(store, Stateful)
+                saved = io.BytesIO()
+                torch.save(store.state_dict(), saved)  # as the runner checkpoints it
                 store.close()  # the process ends; its files stay
+                state = torch.load(io.BytesIO(saved.getvalue()), weights_only=True)
                 store = ReplayStore(store.cfg, "node0", state)
                 client = ReplayClient.local(store)
             runs[name, "rest"] = drive(client, rest, made)
@@ -234,3 +240,25 @@ def test_resume_drops_missing_shards_and_deletes_files_the_checkpoint_does_not_k
     c = resumed.stats().counters
     assert (c.missing_on_load, c.orphans_removed) == (1, 1)
     resumed.close(delete_files=True)
+
+
+def test_bad_configs_and_captures_are_errors_naming_the_field():
+    policy = ReplayPolicyConfig(ram_bytes=1, disk_bytes=1)
+    with pytest.raises(ValueError, match="replay disk_dir must be an absolute path, got 'rel/dir'"):
+        ReplayConfig(ram_dir="/dev/shm/x", disk_dir="rel/dir", policy=policy)
+    with pytest.raises(ValueError, match="ram_dir and disk_dir must differ"):
+        ReplayConfig(ram_dir="/tmp/same", disk_dir="/tmp/same", policy=policy)
+    with pytest.raises(ValueError, match="ram_bytes=-1"):
+        ReplayPolicyConfig(ram_bytes=-1, disk_bytes=1)
+    with pytest.raises(ValueError, match="reuse_cap 2 is below limiter.samples_per_insert 4"):
+        ReplayPolicyConfig(ram_bytes=1, disk_bytes=1, reuse_cap=2)
+    with pytest.raises(ValueError, match=r"validation_fraction must be in \[0, 1\), got 1.0"):
+        ReplayPolicyConfig(ram_bytes=1, disk_bytes=1, validation_fraction=1.0)
+    good = make_capture(0)
+    parts = {f: getattr(good, f) for f in ("q_sub", "k", "v", "teacher_sub", "query_index")}
+    with pytest.raises(ValueError, match=r"teacher_sub \(1, 2, 3, 8\) must match q_sub \(1, 2, 4, 8\)"):
+        Capture(meta=good.meta, **{**parts, "teacher_sub": good.teacher_sub[:, :, :3]})
+    with pytest.raises(ValueError, match="share one dtype"):
+        Capture(meta=good.meta, **{**parts, "k": good.k.float()})
+    with pytest.raises(ValueError, match=r"query_index must lie in \[0, 24\)"):
+        Capture(meta=good.meta, **{**parts, "query_index": good.query_index + 1})
