@@ -46,6 +46,7 @@ from runner.replay.shards import (
     host_capture,
     read_capture,
     shard_size,
+    with_order,
     write_shard,
 )
 from runner.replay.store import InsertTicket, ReplayStore, SampleRef
@@ -81,6 +82,7 @@ class ReplayClient:
         self.map_cache_bytes = map_cache_bytes
         self._verified: OrderedDict[tuple, None] = OrderedDict()
         self._maps: OrderedDict[tuple[int, str], pa.MemoryMappedFile] = OrderedDict()
+        self._parsed: dict[tuple[int, str], tuple[Capture, int]] = {}  # views of kept maps, parsed once
         self._mapped_bytes = 0
 
     @classmethod
@@ -91,12 +93,13 @@ class ReplayClient:
     def try_insert(self, capture: Capture) -> Inserted | Blocked:
         """Write `capture` into the store now, or return why it must wait."""
         capture = host_capture(capture)
-        nbytes = shard_size(capture_batch(capture, order=0))  # the order's value does not change the size
+        batch = capture_batch(capture, order=0)
+        nbytes = shard_size(batch)  # the order's value does not change the size
         ticket: InsertTicket | Blocked = self._call("begin_insert", capture.meta, nbytes)
         if isinstance(ticket, Blocked):
             return ticket
         try:
-            written = write_shard(ticket.path, capture_batch(capture, ticket.order), limit=ticket.nbytes)
+            written = write_shard(ticket.path, with_order(batch, ticket.order), limit=ticket.nbytes)
         except BaseException:
             self._call("abort_insert", ticket.order)
             raise
@@ -147,7 +150,7 @@ class ReplayClient:
             problem = self._check(mapped, ref)
             if problem is None:
                 try:
-                    capture, order = read_capture(mapped, ref.row)
+                    capture, order = self._parse(mapped, ref)
                 except ShardError as err:
                     problem = str(err)
                 else:
@@ -183,9 +186,19 @@ class ReplayClient:
                 self._unmap(next(iter(self._maps)))
         return mapped
 
+    def _parse(self, mapped: pa.MemoryMappedFile, ref: SampleRef) -> tuple[Capture, int]:
+        key = (ref.order, ref.path)
+        if ref.row == 0 and key in self._parsed:
+            return self._parsed[key]
+        parsed = read_capture(mapped, ref.row)
+        if ref.row == 0 and key in self._maps:
+            self._parsed[key] = parsed
+        return parsed
+
     def _unmap(self, key: tuple[int, str]) -> None:
         """Forget a kept map (views of it stay valid: the mapping ends with the last of them)."""
         kept = self._maps.pop(key, None)
+        self._parsed.pop(key, None)
         if kept is not None:
             self._mapped_bytes -= kept.size()
 
