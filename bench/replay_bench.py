@@ -318,6 +318,7 @@ def main() -> None:
         namespace="tessera",
         runtime_env={"env_vars": env},
     )
+    load_before = os.getloadavg()
     try:
         bounds = machine_bounds(ram_root, disk_root)
         print("machine:", bounds, flush=True)
@@ -341,6 +342,8 @@ def main() -> None:
         "env": environment(),
         "scale": args.scale,
         "machine": bounds,
+        # The host is shared: 1-minute load averages at the start and the end of the run (2 cores).
+        "load_average_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "targets": {"overshoot_bytes": 0, "insert_GBps": 1.0, "sample_GBps": 2.0},
         "max_overshoot_bytes": overshoot,
         "rows": rows,

@@ -93,12 +93,12 @@ def test_a_producer_and_a_consumer_in_two_actors_never_deadlock(ray_cluster, sto
     layers = ["double:0", "single:1"]
     producer, consumer = Producer.remote(), Consumer.remote()
     try:
-        sampled = consumer.run.remote(layers, 22, 60.0)
+        sampled = consumer.run.remote(layers, 22, 180.0)
         deadline = time.monotonic() + 60
         while not client.stats().counters.blocked.get("sample:below_min_size"):  # the consumer waits ...
             assert time.monotonic() < deadline, "the consumer never asked for a sample"
             time.sleep(0.05)
-        inserted, orders = ray.get([producer.run.remote(layers, 12, 60.0), sampled], timeout=180)
+        inserted, orders = ray.get([producer.run.remote(layers, 12, 180.0), sampled], timeout=400)
         assert inserted == 24 and len(orders) == 44
         stats = client.stats()
         for layer in layers:
