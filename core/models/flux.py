@@ -7,17 +7,19 @@ larger than the native grid), timestep units (sigma in [0, 1]; the transformer m
 and the guidance embedding.
 
 Decision: we run the transformer's blocks in our own loop instead of calling its `forward`, so that
-the RoPE tables (DyPE) and, later, attention hooks are ours to pass; the loop is the same sequence of
-submodule calls as diffusers 0.42 `FluxTransformer2DModel.forward` (tested for equality).
+the RoPE tables (DyPE) and the attention routes' call context are ours to pass; the loop is the same
+sequence of submodule calls as diffusers 0.42 `FluxTransformer2DModel.forward` (tested for equality).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from core.models.attention_hook import AttentionCall, is_routed, route_kwargs
 from core.models.backbone import Cond
 from core.rope.dype import dype_tables
 from core.rope.spec import RopeSpec
@@ -104,8 +106,21 @@ class FluxBackbone(nn.Module):
         return self._plain_rope[key]  # type: ignore[return-value]
 
     def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, rope: RopeSpec | None = None
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Cond,
+        rope: RopeSpec | None = None,
+        *,
+        step: int | None = None,
+        view_ids: Sequence[int] | None = None,
+        cfg: float | None = None,
     ) -> torch.Tensor:
+        """v [B, C, h, w] for views x [B, C, h, w] at flow times sigma [B].
+
+        step, view_ids, cfg: call metadata for attention routes (core/models/attention_hook.py), read
+        only when a route is attached; cfg defaults to cond.guidance.
+        """
         b, c, h, w = x.shape
         if c != self.latent_channels:
             raise ValueError(f"latent has {c} channels, the model expects {self.latent_channels}")
@@ -131,13 +146,27 @@ class FluxBackbone(nn.Module):
             temb = t.time_text_embed(timestep, pooled)
         encoder = t.context_embedder(txt)
         rotary = (cos, sin)
+        call = None
+        if is_routed(t):
+            sig = sigma.reshape(-1).to(device=device, dtype=torch.float32).expand(b)
+            ids = tuple(view_ids) if view_ids is not None else None
+            guidance = cfg if cfg is not None else cond.guidance
+            call = AttentionCall(txt.shape[1], rows, cols, sig, step, guidance, ids)
         for block in t.transformer_blocks:
             encoder, hidden = block(
-                hidden_states=hidden, encoder_hidden_states=encoder, temb=temb, image_rotary_emb=rotary
+                hidden_states=hidden,
+                encoder_hidden_states=encoder,
+                temb=temb,
+                image_rotary_emb=rotary,
+                joint_attention_kwargs=route_kwargs(block.attn, call),
             )
         for block in t.single_transformer_blocks:
             encoder, hidden = block(
-                hidden_states=hidden, encoder_hidden_states=encoder, temb=temb, image_rotary_emb=rotary
+                hidden_states=hidden,
+                encoder_hidden_states=encoder,
+                temb=temb,
+                image_rotary_emb=rotary,
+                joint_attention_kwargs=route_kwargs(block.attn, call),
             )
         hidden = t.norm_out(hidden, temb)
         out = t.proj_out(hidden)

@@ -1,0 +1,29 @@
+"""Token geometry of one joint attention call: text (conditioning) tokens first, then the image
+tokens of a rows x cols latent token grid in raster order, as Flux's transformer lays them out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TokenGeometry:
+    """n_text conditioning tokens, then rows x cols image tokens (index n_text + r * cols + c)."""
+
+    n_text: int
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        if self.n_text < 0:
+            raise ValueError(f"n_text must be >= 0, got {self.n_text}")
+        if self.rows < 1 or self.cols < 1:
+            raise ValueError(f"the image token grid must be at least 1 x 1, got {self.rows} x {self.cols}")
+
+    @property
+    def n_img(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def n(self) -> int:
+        return self.n_text + self.n_img

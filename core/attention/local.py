@@ -1,0 +1,119 @@
+"""Local branch: exact softmax over a 2-D, tile-aligned neighbourhood of each image query.
+
+The latent token grid (rows x cols) is cut into tiles of t x t tokens (the last row and column of
+tiles may be partial). An image query in tile (a, b) attends to every text key and to the image keys
+of the tiles (a', b') with |a' - a| <= r and |b' - b| <= r, clipped at the grid's border: a
+(2r + 1)t-token square window around its tile. Text queries attend to every key. The window is a
+property of the query's tile, not of the query, so the attention pattern is block sparse with t^2 x
+t^2 blocks: the form a fused kernel (FlexAttention's block mask, a Triton tile loop) computes, and
+the form CLEAR (arXiv 2412.16112) and LoLCATs (arXiv 2410.10254) show is what keeps a linearised
+Flux or LLM layer close to its teacher.
+
+Two formulations, tested against each other:
+- `local_mask`: the dense [N, N] boolean mask (the reference: small grids only);
+- `local_attention`: a gather per query tile (its t^2 queries, the text keys and its window's keys,
+  padded to a fixed width and masked), batched over chunks of tiles so memory stays bounded by
+  `chunk_elements` instead of N x N. Everything runs in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from core.attention.geometry import TokenGeometry
+
+CHUNK_ELEMENTS = 1 << 24  # gathered q, k, v and scores per chunk of tiles: 64 MiB of fp32
+
+
+class LocalIndex(NamedTuple):
+    """Gather indices of the tile formulation, T tiles in raster order.
+
+    query: [T, t^2] sequence index of each query slot; n (one past the last token) for a slot
+        outside the grid (partial tiles), which the output discards.
+    key: [T, K] sequence index of each key slot: the n_text text keys, then the window's tiles in
+        raster order; slots outside the grid hold 0 and are masked.
+    key_valid: [T, K] False for the padded key slots.
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    key_valid: torch.Tensor
+
+
+def local_index(geometry: TokenGeometry, *, tile: int, radius: int) -> LocalIndex:
+    """The tile formulation's gather indices for `geometry` (CPU tensors)."""
+    rows, cols, n_text, t = geometry.rows, geometry.cols, geometry.n_text, tile
+    tiles_r, tiles_c = math.ceil(rows / t), math.ceil(cols / t)
+    ti = torch.arange(tiles_r).repeat_interleave(tiles_c)  # [T] tile row
+    tj = torch.arange(tiles_c).repeat(tiles_r)  # [T] tile column
+    a = torch.arange(t)
+    q_row = ti[:, None] * t + a.repeat_interleave(t)[None]  # [T, t^2]
+    q_col = tj[:, None] * t + a.repeat(t)[None]
+    q_inside = (q_row < rows) & (q_col < cols)
+    query = torch.where(q_inside, n_text + q_row * cols + q_col, geometry.n)
+
+    reach_r, reach_c = min(radius, tiles_r - 1), min(radius, tiles_c - 1)
+    k_row = (ti[:, None] + torch.arange(-reach_r, reach_r + 1))[:, :, None] * t + a  # [T, nr, t]
+    k_col = (tj[:, None] + torch.arange(-reach_c, reach_c + 1))[:, :, None] * t + a  # [T, nc, t]
+    k_row = k_row.reshape(len(ti), -1, 1)  # [T, nr t, 1]
+    k_col = k_col.reshape(len(ti), 1, -1)  # [T, 1, nc t]
+    k_inside = (k_row >= 0) & (k_row < rows) & (k_col >= 0) & (k_col < cols)  # [T, nr t, nc t]
+    k_image = torch.where(k_inside, n_text + k_row * cols + k_col, 0).reshape(len(ti), -1)
+    k_inside = k_inside.reshape(len(ti), -1)
+    text = torch.arange(n_text).expand(len(ti), n_text)
+    key = torch.cat([text, k_image], dim=1)
+    key_valid = torch.cat([torch.ones_like(text, dtype=torch.bool), k_inside], dim=1)
+    return LocalIndex(query, key, key_valid)
+
+
+def local_mask(geometry: TokenGeometry, *, tile: int, radius: int) -> torch.Tensor:
+    """Dense [N, N] mask of the local pattern (True: query row attends to key column)."""
+    n_text, n = geometry.n_text, geometry.n
+    pos = torch.arange(geometry.n_img)
+    tile_r, tile_c = (pos // geometry.cols) // tile, (pos % geometry.cols) // tile
+    near = ((tile_r[:, None] - tile_r[None]).abs() <= radius) & (
+        (tile_c[:, None] - tile_c[None]).abs() <= radius
+    )
+    mask = torch.ones(n, n, dtype=torch.bool)
+    mask[n_text:, n_text:] = near
+    return mask
+
+
+def local_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    geometry: TokenGeometry,
+    *,
+    tile: int,
+    radius: int,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Local-window softmax of q, k, v [B, H, N, d] (N = geometry.n) -> [B, H, N, d], dtype of v."""
+    b, h, n, d = q.shape
+    if n != geometry.n:
+        raise ValueError(f"q has {n} tokens, the geometry {geometry} has {geometry.n}")
+    index = local_index(geometry, tile=tile, radius=radius)
+    query, key, key_valid = (x.to(q.device) for x in index)
+    out = q.new_empty((b, h, n + 1, d), dtype=torch.float32)  # row n collects the padded query slots
+    n_text = geometry.n_text
+    if n_text:
+        out[:, :, :n_text] = F.scaled_dot_product_attention(q[:, :, :n_text].float(), k.float(), v.float())
+    tiles, slots = query.shape
+    width = key.shape[1]
+    per_tile = b * h * (slots * d + 2 * width * d + slots * width)
+    chunk = max(1, chunk_elements // per_tile)
+    for s in range(0, tiles, chunk):
+        qi, ki = query[s : s + chunk], key[s : s + chunk]  # [c, t^2], [c, K]
+        c = qi.shape[0]
+        qg = q[:, :, qi.clamp(max=n - 1)].float().reshape(b, h * c, slots, d)
+        kg = k[:, :, ki].float().reshape(b, h * c, width, d)
+        vg = v[:, :, ki].float().reshape(b, h * c, width, d)
+        mask = key_valid[s : s + chunk, None, :].expand(h, c, 1, width).reshape(1, h * c, 1, width)
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)  # [B, H c, t^2, d]
+        out.index_copy_(2, qi.reshape(-1), o.reshape(b, h, c * slots, d))
+    return out[:, :, :n].to(v.dtype)
