@@ -41,6 +41,14 @@ class LayerCounters:
     def fallbacks(self) -> int:
         return self.not_ready + self.no_student + self.mask + self.nonfinite
 
+    def note_nonfinite(self, parts: tuple[str, ...]) -> None:
+        """A fallback for non-finite values in `parts` ("local", "kernel", "landmark", "output")."""
+        self.nonfinite += 1
+        self.nonfinite_local += "local" in parts
+        self.nonfinite_kernel += "kernel" in parts
+        self.nonfinite_landmark += "landmark" in parts
+        self.nonfinite_output += "output" in parts
+
     def note_denominator(self, value: float) -> None:
         if self.min_denominator is None or value < self.min_denominator:
             self.min_denominator = value

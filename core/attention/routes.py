@@ -108,9 +108,7 @@ class StudentRoute:
         result = self._student(student, record)
         c.note_denominator(result.min_denominator)
         if result.nonfinite:
-            c.nonfinite += 1
-            for name in result.nonfinite:
-                setattr(c, f"nonfinite_{name}", getattr(c, f"nonfinite_{name}") + 1)
+            c.note_nonfinite(result.nonfinite)
             return teacher_attention(record)
         c.student += 1
         return result.out.permute(0, 2, 1, 3)
