@@ -26,10 +26,11 @@ import torch
 from core.eval.metrics import channel_stats
 from core.eval.pictures import bar_chart, fit_latent_preview, preview_rgb, side_by_side, to_uint8
 from core.flow.sampling import StepInfo, sample_euler
-from core.flow.schedules import get_sigmas, img2img_sigmas, mu_for_tokens, noise_to
+from core.flow.schedules import get_sigmas, img2img_schedule_steps, img2img_sigmas, mu_for_tokens, noise_to
 from core.flow.seeds import derive_seed, gaussian_noise
 from core.tiling.compose import compose_velocity
 from core.tiling.quadtree import leaves_to_json, quadtree_overlay
+from core.tiling.tile_plans import pin_to_reference
 from core.tiling.tiles import Tile
 from core.tiling.views import FullFramePlan
 from core.upscale.after_step import Reference, make_after_step
@@ -233,7 +234,9 @@ class _Upscaler:
         if not cleanup and refinement_applies(
             lat_h, lat_w, factor=cfg.coherence.fft_factor, blend=cfg.coherence.fft_blend
         ):
-            x = self.refine(label, x, seed=seed, steps=run)
+            refined = self.refine(label, x, seed=seed, steps=steps)
+            # Outside the mask x is already on the reference (pinned every step): keep it there.
+            x = refined if mask is None else pin_to_reference(refined, mask, x)
         return PhaseResult(x, local.tiles, views_per_step)
 
     def refine(self, label: str, x: torch.Tensor, *, seed: int, steps: int) -> torch.Tensor:
@@ -248,11 +251,12 @@ class _Upscaler:
             min_steps=co.fft_min_steps,
             denoise=co.fft_denoise,
         )
+        total = img2img_schedule_steps(low_steps, co.fft_denoise)
         low_h, low_w = max(2, low_h // 2 * 2), max(2, low_w // 2 * 2)  # whole 2x2 tokens
         x_lo, _ = resize_latent(x, (low_h, low_w), "area")
         eps_seed = derive_seed(seed, "refine") if co.fft_seed_mode == "derive" else seed
         eps = gaussian_noise(x_lo.shape, eps_seed, dtype=x.dtype)
-        sigmas = img2img_sigmas(get_sigmas(low_steps, mu_for_tokens(low_h * low_w // 4)), co.fft_denoise)
+        sigmas = img2img_sigmas(get_sigmas(total, mu_for_tokens(low_h * low_w // 4)), co.fft_denoise)
         local = build_local_plan(
             self.cfg.tiling
             if self.cfg.tiling.layout == "grid"
@@ -274,7 +278,8 @@ class _Upscaler:
         y_up, _ = resize_latent(y_lo, (lat_h, lat_w), "bicubic")
         out, path = fft_lowpass_blend(x, y_up, factor=co.fft_factor, blend=co.fft_blend)
         ctx.record(
-            f"{label}/refinement", {"low": [low_h, low_w], "steps": len(sigmas) - 1, "blend_path": path}
+            f"{label}/refinement",
+            {"low": [low_h, low_w], "steps": len(sigmas) - 1, "sigmas": sigmas, "blend_path": path},
         )
         return out
 
@@ -361,8 +366,15 @@ def run(cfg: UpscaleConfig, ctx: UpscaleContext) -> UpscaleResult:
                             f"{cfg.resize_method} -> {used} for {latent.shape[1]} channels",
                         )
                 else:
+                    cov = cfg.covariance
                     u = covariance_upscale(
-                        latent, lat_size, method="bicubic", seed=derive_seed(seeds[i], "covariance")
+                        latent,
+                        lat_size,
+                        method=cfg.resize_method,
+                        moment_match=cov.moment_match,
+                        shrinkage=cov.shrinkage,
+                        sample_pixels=cov.sample_pixels,
+                        seed=derive_seed(seeds[i], "covariance"),
                     )
         if up.preview is None and (cfg.outputs.previews):
             fit_img = u_img if u_img is not None else up.decode(u)
@@ -392,7 +404,13 @@ def run(cfg: UpscaleConfig, ctx: UpscaleContext) -> UpscaleResult:
 
     if cfg.cleanup.enabled:
         u = latent
-        q_img = quadtree_image(source, *target) if cfg.tiling.layout == "quadtree" else None
+        # The quadtree of the latent actually cleaned (the last phase size, aligned up), not of the
+        # exact target: leaves must cover every latent pixel.
+        q_img = (
+            quadtree_image(source, u.shape[-2] * f, u.shape[-1] * f)
+            if cfg.tiling.layout == "quadtree"
+            else None
+        )
         with ctx.timer("denoise"):
             res = up.phase(
                 "cleanup",
@@ -403,7 +421,7 @@ def run(cfg: UpscaleConfig, ctx: UpscaleContext) -> UpscaleResult:
                 denoise=cfg.cleanup.denoise,
                 steps=cfg.cleanup.steps,
                 seed=cleanup_seed(cfg.seed, phases),
-                mask=None,
+                mask=resize_mask(mask_img, tuple(u.shape[-2:])) if mask_img is not None else None,
                 cleanup=True,
             )
         results.append(res)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from core.models.loading import ModelSpec
 from core.rope.spec import RopeSpec
+from core.upscale.resize import CovarianceResize
 from core.upscale.skip_residual import SkipResidual, linear_values
 
 RESIZE_MODES = ("pixel", "latent", "covariance")
@@ -35,8 +36,9 @@ class QuadtreeConfig:
     """Quadtree tiles (algorithms.md §7): variance split, per-leaf denoise by relative area."""
 
     criterion: str = "variance"
-    threshold: float = 25.0
-    min_tile: int = 64  # pixels; leaves never get smaller
+    threshold: float | None = None  # None: the criterion's default (variance 25, legacy 0.03)
+    min_tile: int | None = None  # pixels; leaves never get smaller. None: variance 64, legacy 256
+    max_tile: int = 0  # pixels; larger leaves always split. 0: the model's native size
     denoise_min: float = 0.2  # relative to the phase denoise: large flat leaves keep more of the input
     denoise_max: float = 0.8
     variable_denoise: bool = True
@@ -53,8 +55,12 @@ class QuadtreeConfig:
                 f"tiling.quadtree.denoise_min ({self.denoise_min}) must be <= "
                 f"denoise_max ({self.denoise_max})"
             )
-        if self.min_tile < 8 or self.min_tile % 8:
+        if self.min_tile is not None and (self.min_tile < 8 or self.min_tile % 8):
             raise ValueError(f"tiling.quadtree.min_tile must be a multiple of 8 >= 8, got {self.min_tile}")
+        if self.max_tile < 0 or self.max_tile % 16 or 0 < self.max_tile < 32:
+            raise ValueError(
+                f"tiling.quadtree.max_tile must be 0 (native) or a multiple of 16 >= 32, got {self.max_tile}"
+            )
         if self.skip_diffusion_below < 0:
             raise ValueError(
                 f"tiling.quadtree.skip_diffusion_below must be >= 0, got {self.skip_diffusion_below}"
@@ -94,6 +100,11 @@ class TilingConfig:
             raise ValueError("tiling.layout=quadtree needs a tiling.method (multidiffusion, mixture or spot)")
         if self.layout == "quadtree" and self.method == "spot" and self.quadtree.variable_denoise:
             raise ValueError("tiling.method=spot on quadtree tiles cannot use quadtree.variable_denoise")
+        if self.layout == "quadtree" and self.method == "spot" and self.quadtree.skip_diffusion_below:
+            raise ValueError(
+                "tiling.quadtree.skip_diffusion_below needs fixed tiles; tiling.method=spot moves its "
+                f"windows every step (got skip_diffusion_below={self.quadtree.skip_diffusion_below})"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,6 +189,7 @@ class UpscaleConfig:
     mu: float | None = None
     resize: str = "pixel"
     resize_method: str = "bicubic"
+    covariance: CovarianceResize = field(default_factory=CovarianceResize)
     noise_mode: str = "flow_consistent"
     renoise: tuple[float, float] = (0.35, 0.15)
     skip: bool = True

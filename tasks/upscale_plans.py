@@ -3,6 +3,7 @@ dilated plan, and the exact per-tile start steps. Pure functions of the config a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,10 +64,9 @@ def build_local_plan(
 ) -> LocalPlan:
     """The local plan of a height x width latent for a phase of `steps` (full schedule) at `denoise`.
 
-    Quadtree per-tile denoise: leaf i gets d_i = denoise * leaf_denoise_i / denoise_max, so the
-    busiest (smallest) leaves run at the phase denoise and large flat ones at
-    denoise_min / denoise_max of it. `image` is the phase's input image at this phase's pixel size
-    (the quadtree is built on it).
+    Quadtree per-tile denoise: leaf i runs at its own d_i = d_min + (d_max - d_min)(1 - area_i /
+    area_max) (section 7.2), whatever the phase denoise; the returned leaves carry the values used.
+    `image` is the phase's input image at this phase's pixel size (the quadtree is built on it).
     """
     start = img2img_start(steps, denoise)
     if tiling.method == "none":
@@ -96,7 +96,12 @@ def build_local_plan(
     if image is None:
         raise ValueError("quadtree tiles need the phase's input image")
     leaves = build_quadtree(
-        image[0].float(), threshold=q.threshold, min_tile=q.min_tile, align=16, criterion=q.criterion
+        image[0].float(),
+        threshold=q.threshold,
+        min_tile=q.min_tile,
+        max_tile=q.max_tile or native_px,
+        align=16,
+        criterion=q.criterion,
     )
     leaves = assign_denoise(leaves, q.denoise_min, q.denoise_max)
     qtiles = quadtree_tiles(
@@ -110,28 +115,37 @@ def build_local_plan(
     )
     tiles = list(qtiles)
     method = "multidiffusion" if tiling.method == "spot" else tiling.method
-    if tiling.method == "spot":
+    if tiling.method == "spot":  # config rejects skip_diffusion_below and variable denoise here
         return LocalPlan(spot(tiles), start, None, tiles, leaves, [])
-    if not q.variable_denoise:
-        plan = TilePlan(tiles, method=method, height=height, width=width, rope=rope)
-        return LocalPlan(plan, start, None, tiles, leaves, [denoise] * len(tiles))
-    d_max = q.denoise_max if q.denoise_max > 0 else 1.0
-    per_tile = [min(1.0, denoise * t.denoise / d_max) for t in qtiles]
-    if q.denoise_mode == "comfy_compat":
-        plan = TilePlan(
-            tiles,
-            method=method,
-            compat_denoise=per_tile,
-            sigmas=sigmas,
-            reference=reference,
-            height=height,
-            width=width,
-            rope=rope,
-        )
-        return LocalPlan(plan, start, None, tiles, leaves, per_tile)
-    starts = tile_start_indices(per_tile, steps)
-    plan = TilePlan(tiles, method=method, start_index=starts, height=height, width=width, rope=rope)
-    return LocalPlan(plan, min(starts), plan.activity, tiles, leaves, per_tile)
+    # skip_diffusion_below: those tiles never start (section 7.4b), so they keep the input in every mode.
+    skipped = [min(leaf.w, leaf.h) < q.skip_diffusion_below for leaf in leaves]
+    if q.variable_denoise and q.denoise_mode == "exact":
+        per_tile = [0.0 if skip else leaf.denoise for leaf, skip in zip(leaves, skipped, strict=True)]
+    else:
+        per_tile = [0.0 if skip else denoise for skip in skipped]
+    starts = [steps if skip else start for skip in skipped]
+    compat = None
+    if q.variable_denoise and q.denoise_mode == "comfy_compat":  # the phase runs at `denoise`; tiles blend
+        compat = [0.0 if skip else leaf.denoise for leaf, skip in zip(leaves, skipped, strict=True)]
+    elif q.variable_denoise:
+        starts = tile_start_indices(per_tile, steps)
+    leaves = [
+        dataclasses.replace(leaf, denoise=d) for leaf, d in zip(leaves, compat or per_tile, strict=True)
+    ]
+    pinned = any(s > start for s in starts) or (q.variable_denoise and q.denoise_mode == "exact")
+    plan = TilePlan(
+        tiles,
+        method=method,
+        start_index=starts if pinned else None,
+        compat_denoise=compat,
+        sigmas=sigmas if compat else None,
+        reference=reference if compat else None,
+        height=height,
+        width=width,
+        rope=rope,
+    )
+    first = min(starts) if q.variable_denoise and compat is None else start
+    return LocalPlan(plan, first, plan.activity if pinned else None, tiles, leaves, compat or per_tile)
 
 
 def dilated_factor(coherence: CoherenceConfig, height: int, width: int, native: int) -> int:

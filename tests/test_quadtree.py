@@ -40,7 +40,7 @@ def key(leaves):
 
 
 def test_quadrant_image_leaves():
-    leaves = build_quadtree(quadrant_image())
+    leaves = build_quadtree(quadrant_image(), min_tile=4)
     # Root splits; the flat quadrants are leaves; BR splits once into 8x8 children that cannot
     # split again (hw = 0 < min 4), depth-first in TL, TR, BL, BR order.
     assert key(leaves) == [
@@ -70,7 +70,7 @@ def test_flat_image_and_threshold():
 
 
 def test_24_splits_into_8_and_16():
-    leaves = build_quadtree(checker(24, 24))
+    leaves = build_quadtree(checker(24, 24), min_tile=4)
     # hw = floor(24/2/8)*8 = 8, so children are 8 and 16 wide; the 16x8 / 8x16 ones cannot split
     # further (their 8 side halves to 0) and the 16x16 one splits into four 8x8.
     assert key(leaves) == [
@@ -85,15 +85,15 @@ def test_24_splits_into_8_and_16():
 
 
 def test_rectangular_root():
-    leaves = build_quadtree(checker(16, 32))
+    leaves = build_quadtree(checker(16, 32), min_tile=4)
     assert key(leaves) == [(0, 0, 16, 8, 1), (16, 0, 16, 8, 1), (0, 8, 16, 8, 1), (16, 8, 16, 8, 1)]
 
 
 def test_min_tile_and_max_depth():
     img = checker(64, 64)
-    assert {leaf.w for leaf in build_quadtree(img)} == {8}
+    assert {leaf.w for leaf in build_quadtree(img, min_tile=4)} == {8}
     assert {leaf.w for leaf in build_quadtree(img, min_tile=16)} == {16}
-    assert key(build_quadtree(img, max_depth=1)) == [
+    assert key(build_quadtree(img, min_tile=4, max_depth=1)) == [
         (0, 0, 32, 32, 1),
         (32, 0, 32, 32, 1),
         (0, 32, 32, 32, 1),
@@ -102,7 +102,7 @@ def test_min_tile_and_max_depth():
 
 
 def test_assign_denoise_formula():
-    leaves = assign_denoise(build_quadtree(quadrant_image()), 0.2, 0.8)
+    leaves = assign_denoise(build_quadtree(quadrant_image(), min_tile=4), 0.2, 0.8)
     # area_max = 256: 16x16 leaves get 0.2 + 0.6 * 0 = 0.2; 8x8 leaves 0.2 + 0.6 * (1 - 64/256) = 0.65.
     assert [leaf.denoise for leaf in leaves] == pytest.approx([0.2] * 3 + [0.65] * 4)
     assert assign_denoise([]) == []
@@ -111,7 +111,7 @@ def test_assign_denoise_formula():
 
 
 def test_json_round_trip():
-    leaves = assign_denoise(build_quadtree(quadrant_image()))
+    leaves = assign_denoise(build_quadtree(quadrant_image(), min_tile=4))
     records = json.loads(json.dumps(leaves_to_json(leaves)))
     assert set(records[0]) == {"x", "y", "w", "h", "depth", "variance", "denoise"}
     assert leaves_from_json(records) == leaves
@@ -143,7 +143,7 @@ def test_builder_rejects_bad_input():
 
 
 def test_quadtree_tiles_golden():
-    leaves = assign_denoise(build_quadtree(quadrant_image()))
+    leaves = assign_denoise(build_quadtree(quadrant_image(), min_tile=4))
     tiles = quadtree_tiles(leaves, 4, 4, overlap=3, skip_diffusion_below=16)
     assert all(isinstance(t, QuadTile) for t in tiles)
     # Global overlap clamps to min(4, 4) // 4 = 1. 16-px leaves: core 2x2, o = min(1, 1, 1) = 1,
@@ -165,7 +165,7 @@ def test_quadtree_tiles_golden():
 
 def test_overlay():
     img = quadrant_image()
-    leaves = assign_denoise(build_quadtree(img))
+    leaves = assign_denoise(build_quadtree(img, min_tile=4))
     out = quadtree_overlay(img, leaves)
     assert out.shape == img.shape
     # Inside the TL leaf (denoise 0.2): 0.65 * 0.2 + 0.35 * (0.2, 0, 0.8).

@@ -140,7 +140,7 @@ def test_zero_denoise_tiles_stay_on_reference():
 def test_quadtree_tiles_with_exact_denoise_run():
     img = torch.full((3, 64, 64), 0.3)
     img[:, 32:, 32:] = (torch.arange(32)[None, :, None] % 2).float()
-    leaves = assign_denoise(build_quadtree(img))
+    leaves = assign_denoise(build_quadtree(img, min_tile=4))
     tiles = quadtree_tiles(leaves, 8, 8, overlap=1, skip_diffusion_below=16)
     steps = 4
     sigmas, x_ref, eps, z_next = reference_setup(8, 8, steps)
@@ -279,7 +279,7 @@ def test_spot_offset_step_equals_direct_computation():
 def test_spot_on_quadtree_tiles():
     img = torch.zeros(3, 64, 64)
     img[:, :32, :32] = (torch.arange(32) % 2).float()
-    tiles = quadtree_tiles(assign_denoise(build_quadtree(img)), 8, 8, overlap=0)
+    tiles = quadtree_tiles(assign_denoise(build_quadtree(img, min_tile=4)), 8, 8, overlap=0)
     plan = SpotPlan(8, 8, tile=4, seed=1, wrap=True, tiles=tiles)
     k = find_step(plan, (2, 0))
     rolled = torch.roll(latent(8, 8), shifts=(2, 0), dims=(-2, -1))

@@ -7,7 +7,10 @@ Decisions:
 - The resolution-dependent shift mu(L) of the Flux reference (`src/flux/sampling.py`) is a line
   through (256 tokens, 0.5) and (4096 tokens, 1.15). The reference does not clamp it, which at
   4096^2 gives mu = 11.55 and a schedule stuck at sigma ~ 1; we clamp at 1.15 (as DyPE does).
-- img2img starts follow diffusers `get_timesteps`: the schedule suffix from int(N - N * denoise).
+- img2img starts follow diffusers `get_timesteps` (a pass of strength d over an N-step schedule
+  runs its last ceil(N d) steps), with a tolerance of 1e-9 steps so that float products such as
+  0.7 * 10 = 7.000000000000001 run 7 steps, not 8. `img2img_start` is the one place this rule
+  lives: phases, per-tile starts (exact per-tile denoise) and the refinement pass all use it.
 """
 
 from __future__ import annotations
@@ -57,17 +60,37 @@ def get_sigmas(steps: int, mu: float = 0.0) -> list[float]:
     return [time_shift(1.0 - k / steps, mu) for k in range(steps + 1)]
 
 
-def img2img_sigmas(sigmas: list[float], denoise: float) -> list[float]:
-    """The suffix of a full schedule that an img2img pass of strength `denoise` runs (diffusers rule).
+def img2img_start(steps: int, denoise: float) -> int:
+    """Index in an N-step schedule where an img2img pass of strength d starts: N - ceil(N d).
 
-    With N steps, init = min(N * denoise, N) and the pass starts at index int(N - init). A denoise
-    that rounds to zero steps returns [sigma_N] (nothing to run).
+    diffusers `get_timesteps` (init = min(N d, N), start = int(N - init)) with a 1e-9 tolerance on
+    N d (module docstring). d = 1 starts at 0 (pure noise), d = 0 at N (nothing runs).
     """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 <= denoise <= 1.0:
         raise ValueError(f"denoise must be in [0, 1], got {denoise}")
-    n = len(sigmas) - 1
-    start = int(n - min(n * denoise, n))
-    return sigmas[start:]
+    return steps - min(steps, math.ceil(steps * denoise - 1e-9))
+
+
+def img2img_sigmas(sigmas: list[float], denoise: float) -> list[float]:
+    """The suffix of a full schedule that an img2img pass of strength `denoise` runs (`img2img_start`).
+
+    A denoise that rounds to zero steps returns [sigma_N] (nothing to run).
+    """
+    return sigmas[img2img_start(len(sigmas) - 1, denoise) :]
+
+
+def img2img_schedule_steps(run_steps: int, denoise: float) -> int:
+    """Length N of the schedule whose img2img tail at strength d is `run_steps` long: floor(K / d).
+
+    ComfyUI's KSampler reading of (steps K, denoise d), which the FlowMatching-Upscaler's refinement
+    pass uses: K steps are run, from the sigma a d-strength pass starts at. img2img_start(N, d) = N - K
+    because K - d < N d <= K.
+    """
+    if run_steps < 1 or not 0.0 < denoise <= 1.0:
+        raise ValueError(f"need run_steps >= 1 and denoise in (0, 1], got {run_steps} and {denoise}")
+    return math.floor(run_steps / denoise + 1e-9)
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:

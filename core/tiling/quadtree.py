@@ -8,6 +8,12 @@ Decisions:
 - Root = (0, 0, floor(W/8)*8, floor(H/8)*8), never the upstream power-of-two square that reached
   outside the image. Leaves are listed depth-first in TL, TR, BL, BR order.
 - Built leaves carry denoise = 1.0 until `assign_denoise` sets it (section 7.2).
+- "variance" defaults to a 64 px minimum leaf [ours], not upstream's 4 px: a leaf becomes a latent
+  tile of leaf / 8 pixels, and below 64 px that is 4 x 4 Flux tokens, too little context to
+  denoise. Upstream's split rule itself is unchanged (min_tile=4 reproduces it).
+- `max_tile` caps the leaf size [ours]: a leaf wider or taller than it splits whatever its score
+  (down to `align`, past max_depth), so flat regions never become views far beyond the model's
+  native size. Upstream has no cap.
 - "legacy" criterion: (w_c MAD + w_g mean Sobel magnitude) / (w_c + w_g) >= 0.03 on the [0, 1]
   image, depth < 4, halves >= 256 px. The Sobel filter sees the region with replicate padding
   [ours]: upstream zero-padded each region, so flat non-black regions scored edges at their border.
@@ -28,7 +34,7 @@ import torch.nn.functional as F
 from core.tiling.tiles import Tile
 
 CRITERIA = ("variance", "legacy")
-_DEFAULTS = {"variance": (25.0, 4, None), "legacy": (0.03, 256, 4)}  # threshold, min_tile, max_depth
+_DEFAULTS = {"variance": (25.0, 64, None), "legacy": (0.03, 256, 4)}  # threshold, min_tile, max_depth
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,7 @@ def build_quadtree(
     align: int = 8,
     criterion: str = "variance",
     max_depth: int | None = None,
+    max_tile: int | None = None,
     color_weight: float = 0.5,
     gradient_weight: float = 0.5,
 ) -> list[Leaf]:
@@ -96,8 +103,9 @@ def build_quadtree(
     hw = floor(w/2/align)*align, so odd multiples split unevenly (24 -> 8 + 16), iff its score
     exceeds the threshold ("variance": > 25 on the 0-255 RGB variation; "legacy": >= 0.03), both
     sides exceed min_tile, both halves are >= min_tile and the remainders are multiples of align,
-    and its depth is below max_depth. None picks the criterion's default: variance (25.0, 4 px,
-    no depth cap); legacy (0.03, 256 px, depth 4).
+    and its depth is below max_depth. None picks the criterion's default: variance (25.0, 64 px,
+    no depth cap); legacy (0.03, 256 px, depth 4). A node wider or taller than max_tile (None: no
+    cap) splits regardless of its score and depth, into halves of at least `align`.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"quadtree.criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -111,6 +119,8 @@ def build_quadtree(
         raise ValueError(f"quadtree.align must be >= 1, got {align}")
     if min_tile < 0:
         raise ValueError(f"quadtree.min_tile must be >= 0, got {min_tile}")
+    if max_tile is not None and max_tile < 2 * align:
+        raise ValueError(f"quadtree.max_tile must be >= 2 x align = {2 * align}, got {max_tile}")
     if color_weight < 0 or gradient_weight < 0 or color_weight + gradient_weight <= 0:
         raise ValueError(
             f"legacy weights must be >= 0 with a positive sum, got {color_weight}, {gradient_weight}"
@@ -130,8 +140,11 @@ def build_quadtree(
     def visit(x: int, y: int, w: int, h: int, depth: int) -> None:
         s = score(x, y, w, h)
         busy = s > threshold if criterion == "variance" else s >= threshold
-        halves = _halves(w, h, min_tile, align)
-        if not busy or halves is None or (max_depth is not None and depth >= max_depth):
+        too_big = max_tile is not None and max(w, h) > max_tile
+        halves = _halves(w, h, align, align) if too_big else _halves(w, h, min_tile, align)
+        if not too_big and max_depth is not None and depth >= max_depth:
+            halves = None
+        if not (busy or too_big) or halves is None:
             leaves.append(Leaf(x=x, y=y, w=w, h=h, depth=depth, variance=s))
             return
         hw, hh = halves

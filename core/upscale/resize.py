@@ -22,6 +22,7 @@ Decisions:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -230,3 +231,21 @@ def covariance_upscale(
         u_hat, sqrt_hat = _eig(cov_hat, epsilon)
         z_hat = _recolour(_whiten(z_hat, u_hat, sqrt_hat, mu_hat), u, sqrt_lam, mu)
     return z_hat.reshape(b, c, h, w).to(z.dtype)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CovarianceResize:
+    """The parameters of `covariance_upscale` a user chooses (§4.5): moment matching after the
+    recolour, the covariance shrinkage a, and how many pixels estimate the statistics (0 = all)."""
+
+    moment_match: bool = True
+    shrinkage: float = 0.05
+    sample_pixels: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.shrinkage <= 1.0:
+            raise ValueError(f"covariance.shrinkage must be in [0, 1], got {self.shrinkage}")
+        if self.sample_pixels < 0:
+            raise ValueError(
+                f"covariance.sample_pixels must be >= 0 (0 = all pixels), got {self.sample_pixels}"
+            )
