@@ -69,8 +69,7 @@ def one_run(tuned: bool) -> float:
         "phases": 1,
         "steps": 20,
         "denoise": [0.6],
-        "skip": True,
-        "coherence": {"dilated": False},
+        "coherence": {"dilated": 0},
         "tiling": {"method": "multidiffusion", "tile": 1024, "overlap": 256},
         "outputs": {
             "phase_images": False,

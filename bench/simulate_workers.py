@@ -52,8 +52,8 @@ def sim_job(tmp: Path, workers: int, steps: int) -> dict:
         "phases": 1,
         "steps": steps,
         "denoise": [1.0],
-        "skip": False,
-        "coherence": {"dilated": False},
+        "skip_residual": None,
+        "coherence": {"dilated": 0},
         "tiling": {"method": "multidiffusion", "tile": 128, "overlap": 32},
         "outputs": {"phase_images": False, "latent_stats": False, "compare_bicubic": False},
     }

@@ -88,7 +88,6 @@ class Bench:
             "model": self.model,
             "image": image,
             "target": [self.px(4096), self.px(4096)],
-            "vae_tiling": "on",
             "vae_tile": max(64, self.px(1024)),
             "outputs": QUIET,
             **fields,
@@ -182,8 +181,7 @@ def phase_fields(b: Bench, workers: int, image: str) -> dict:
         phases=1,
         steps=20,
         denoise=[0.6],
-        skip=True,
-        coherence={"dilated": False},
+        coherence={"dilated": 0},
         tiling={"method": "multidiffusion", "tile": b.px(1024), "overlap": b.px(256)},
     )
 
@@ -284,8 +282,7 @@ def run_whole(b: Bench) -> dict:
         image,
         steps=20,
         denoise=[0.6, 0.4],
-        skip=True,
-        coherence={"dilated": True},
+        coherence={"dilated": "auto"},
         tiling={"method": "multidiffusion", "tile": b.px(1024), "overlap": b.px(256)},
     )
     record, floor_info = b.floor_around(lambda: b.job("whole", fields, []))
@@ -331,8 +328,8 @@ def run_direct(b: Bench) -> dict:
         phases=1,
         steps=28,
         denoise=[1.0],
-        skip=False,
-        coherence={"dilated": False},
+        skip_residual=None,
+        coherence={"dilated": 0},
         tiling={"method": "none"},
     )
     record = b.job("direct", fields, [])
@@ -416,10 +413,10 @@ def run_oom(b: Bench) -> dict:
         "phases": 1,
         "steps": 4,
         "denoise": [0.5],
-        "skip": False,
-        "coherence": {"dilated": False},
+        "skip_residual": None,
+        "coherence": {"dilated": 0},
         "tiling": {"method": "multidiffusion", "tile": tile, "overlap": tile // 2},
-        "vae_tiling": "off",
+        "vae_tile": 0,
         "outputs": QUIET,
     }
     record = b.job("oom", fields, [])

@@ -60,22 +60,21 @@ def methods(model: ModelSpec, image: str, steps: int) -> dict[str, UpscaleConfig
         base,
         phases=2,
         denoise=(0.5, 0.35),
-        skip=True,
         skip_residual=skip,
-        coherence=CoherenceConfig(dilated=True),
+        coherence=CoherenceConfig(dilated="auto"),
     )
     return {
         "tiled_img2img": dataclasses.replace(
-            base, phases=1, denoise=(0.45,), skip=False, coherence=CoherenceConfig(dilated=False)
+            base, phases=1, denoise=(0.45,), skip_residual=None, coherence=CoherenceConfig(dilated=0)
         ),
         "progressive": progressive,
         "progressive_fft": dataclasses.replace(
             progressive,
-            coherence=CoherenceConfig(dilated=True, fft_blend=0.15, fft_factor=2.0, fft_denoise=0.3),
+            coherence=CoherenceConfig(dilated="auto", fft_blend=0.15, fft_factor=2.0, fft_denoise=0.3),
         ),
         "quadtree": dataclasses.replace(
             progressive,
-            coherence=CoherenceConfig(dilated=False),
+            coherence=CoherenceConfig(dilated=0),
             tiling=TilingConfig(
                 method="mixture",
                 layout="quadtree",

@@ -103,10 +103,14 @@ def test_area_downscale():
 
 
 def test_refinement_plan_and_applies():
-    assert refinement_plan(128, 96, factor=2.0, steps=16, min_steps=1, denoise=0.5) == (64, 48, 8)
-    assert refinement_plan(100, 75, factor=3.0, steps=3, min_steps=4, denoise=0.5) == (33, 25, 4)
+    # K = 16 // 2 = 8 steps: the tail of a floor(8 / 0.5) = 16-step schedule.
+    assert refinement_plan(128, 96, factor=2.0, steps=16, denoise=0.5) == ((64, 48), 8, 16)
+    # round(100 / 3) = 33, round(75 / 3) = 25, down to even: 32 x 24; K = 1; floor(1 / 0.3) = 3.
+    assert refinement_plan(100, 75, factor=3.0, steps=3, denoise=0.3, align=2) == ((32, 24), 1, 3)
+    # 20 steps at d = 0.3: K = 10 of a 33-step schedule, whose 0.3 tail (ceil(9.9)) is exactly 10.
+    assert refinement_plan(64, 64, factor=2.0, steps=20, denoise=0.3) == ((32, 32), 10, 33)
     assert refinement_applies(16, 16, factor=4.0, blend=0.2)
     assert not refinement_applies(15, 16, factor=4.0, blend=0.2)  # 15 / 4 < 4
     assert not refinement_applies(64, 64, factor=1.0, blend=0.2)
     with pytest.raises(ValueError, match="denoise"):
-        refinement_plan(64, 64, factor=2.0, steps=8, min_steps=1, denoise=0.0)
+        refinement_plan(64, 64, factor=2.0, steps=8, denoise=0.0)

@@ -12,7 +12,6 @@ from core.upscale.phases import (
     phase_count,
     phase_seeds,
     plan_phase_sizes,
-    upscaler_stage_sizes,
 )
 
 pytestmark = pytest.mark.cpu
@@ -78,17 +77,6 @@ def test_phase_count_is_the_fewest_within_max_scale(src, target, max_scale):
     assert len(sizes) == s
     assert all(h % 16 == 0 and w % 16 == 0 for h, w in sizes)
     assert sizes[-1] == (math.ceil(target[0] / 16) * 16, math.ceil(target[1] / 16) * 16)
-
-
-def test_upscaler_stage_sizes_parity():
-    assert upscaler_stage_sizes(64, 64, 4.0, 2) == [(128, 128), (256, 256)]
-    # s = sqrt 3: 75 -> round(129.9) = 130 -> 130 -> round(225.17) = 225 -> 226;
-    # 100 -> round(173.2) = 173 -> 174 -> round(301.4) = 301 -> 302: drift from 225 x 300.
-    assert upscaler_stage_sizes(75, 100, 3.0, 2) == [(130, 174), (226, 302)]
-    # Python's round is half-to-even as upstream: round(2.5) = 2 (half up would give 3 -> 4).
-    assert upscaler_stage_sizes(1, 1, 2.5, 1) == [(2, 2)]
-    # Scale 1 leaves the size alone, odd or not.
-    assert upscaler_stage_sizes(75, 101, 1.0, 3) == [(75, 101)] * 3
 
 
 def test_seeds_follow_the_golden_stride():

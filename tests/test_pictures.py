@@ -17,7 +17,6 @@ from core.eval.pictures import (
     fit_latent_preview,
     grid,
     preview_rgb,
-    side_by_side,
 )
 from core.flow.seeds import cpu_generator
 
@@ -145,13 +144,13 @@ def test_latent_preview_validates_shapes():
 # ------------------------------------------------------------------------------------------- panels
 
 
-def test_side_by_side_resizes_to_tallest_and_labels():
+def test_one_row_resizes_to_tallest_and_labels():
     a = np.full((40, 30, 3), 10, dtype=np.uint8)
     b = np.full((20, 20, 3), 200, dtype=np.uint8)
-    out = side_by_side([a, b], pad=4)
+    out = grid([a, b], pad=4)
     assert out.shape == (40 + 2 * 4, 4 + 30 + 4 + 40 + 4, 3) and out.dtype == np.uint8
     assert (out[4:44, 4:34] == 10).all() and (out[4:44, 38:78] == 200).all()
-    labelled = side_by_side([a, b], labels=["result", "bicubic"], pad=4)
+    labelled = grid([a, b], labels=["result", "bicubic"], pad=4)
     band = labelled.shape[0] - out.shape[0]
     assert band > 0 and labelled.shape[1] == out.shape[1]
     assert _is(labelled[: band + 4], (0, 0, 0)).any()  # label text above the panels
@@ -160,11 +159,12 @@ def test_side_by_side_resizes_to_tallest_and_labels():
 
 def test_grid_layout():
     ims = [np.full((5, 7, 3), i * 40, dtype=np.uint8) for i in range(5)]
-    out = grid(ims, 3, pad=2)
+    out = grid(ims, cols=3, pad=2)
     assert out.shape == (2 * 5 + 3 * 2, 3 * 7 + 4 * 2, 3)
     assert (out[2:7, 2:9] == 0).all() and (out[9:14, 11:18] == 160).all()
     assert (out[9:14, 20:27] == np.array(BACKGROUND)).all()  # empty last cell
-    with pytest.raises(ValueError, match="share one shape"):
-        grid([ims[0], np.zeros((4, 7, 3), dtype=np.uint8)], 2)
+    # Mixed sizes: brought to the tallest height (10), columns as wide as their widest panel.
+    mixed = grid([ims[0], np.full((10, 4, 3), 7, dtype=np.uint8), ims[1]], cols=2, pad=1)
+    assert mixed.shape == (2 * 10 + 3, 14 + 4 + 3, 3) and (mixed[1:11, 16:20] == 7).all()
     with pytest.raises(ValueError, match="uint8"):
-        side_by_side([np.zeros((4, 4), dtype=np.uint8)])
+        grid([np.zeros((4, 4), dtype=np.uint8)])

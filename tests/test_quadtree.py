@@ -1,4 +1,4 @@
-"""Quadtree builder, leaf denoise, serialisation, latent tiles and overlay (algorithms.md section 7)."""
+"""Quadtree builder, leaf denoise, serialisation, latent tiles and overlay (comfyui-quadtree-tile rules)."""
 
 import json
 import math
@@ -8,14 +8,13 @@ import torch
 
 from core.tiling.quadtree import (
     Leaf,
-    QuadTile,
     assign_denoise,
     build_quadtree,
-    leaves_from_json,
     leaves_to_json,
     quadtree_overlay,
     quadtree_tiles,
 )
+from core.tiling.rect import Rect
 
 # A 0/1 checkerboard has per-channel population variance 0.25 on [0, 1], so its RGB variation is
 # sqrt(3 * 0.25 * 255^2) = 255 * sqrt(0.75) = 220.836...; a flat region has 0.
@@ -36,7 +35,7 @@ def quadrant_image():
 
 
 def key(leaves):
-    return [(leaf.x, leaf.y, leaf.w, leaf.h, leaf.depth) for leaf in leaves]
+    return [(leaf.rect.x0, leaf.rect.y0, leaf.rect.w, leaf.rect.h, leaf.depth) for leaf in leaves]
 
 
 def test_quadrant_image_leaves():
@@ -52,9 +51,9 @@ def test_quadrant_image_leaves():
         (16, 24, 8, 8, 2),
         (24, 24, 8, 8, 2),
     ]
-    assert [leaf.variance for leaf in leaves[:3]] == [0.0, 0.0, 0.0]
+    assert [leaf.score for leaf in leaves[:3]] == [0.0, 0.0, 0.0]
     for leaf in leaves[3:]:
-        assert leaf.variance == pytest.approx(CHECKER_VARIATION, rel=1e-6)
+        assert leaf.score == pytest.approx(CHECKER_VARIATION, rel=1e-6)
     assert all(leaf.denoise == 1.0 for leaf in leaves)  # unassigned until assign_denoise
 
 
@@ -91,8 +90,8 @@ def test_rectangular_root():
 
 def test_min_tile_and_max_depth():
     img = checker(64, 64)
-    assert {leaf.w for leaf in build_quadtree(img, min_tile=4)} == {8}
-    assert {leaf.w for leaf in build_quadtree(img, min_tile=16)} == {16}
+    assert {leaf.rect.w for leaf in build_quadtree(img, min_tile=4)} == {8}
+    assert {leaf.rect.w for leaf in build_quadtree(img, min_tile=16)} == {16}
     assert key(build_quadtree(img, min_tile=4, max_depth=1)) == [
         (0, 0, 32, 32, 1),
         (32, 0, 32, 32, 1),
@@ -110,17 +109,26 @@ def test_assign_denoise_formula():
         assign_denoise(leaves, 0.9, 0.1)
 
 
-def test_json_round_trip():
+def test_json_records():
     leaves = assign_denoise(build_quadtree(quadrant_image(), min_tile=4))
     records = json.loads(json.dumps(leaves_to_json(leaves)))
-    assert set(records[0]) == {"x", "y", "w", "h", "depth", "variance", "denoise"}
-    assert leaves_from_json(records) == leaves
+    # Upstream's keys; "variance" holds the split score whatever the criterion.
+    assert records[3] == {
+        "x": 16,
+        "y": 16,
+        "w": 8,
+        "h": 8,
+        "depth": 2,
+        "variance": leaves[3].score,
+        "denoise": leaves[3].denoise,
+    }
+    assert records[3]["denoise"] == pytest.approx(0.65)
 
 
 def test_legacy_criterion():
     flat = torch.full((3, 512, 512), 0.5)
     # Replicate padding: a flat grey image scores exactly 0 (zero padding would score its border).
-    assert [(leaf.w, leaf.variance) for leaf in build_quadtree(flat, criterion="legacy")] == [(512, 0.0)]
+    assert [(leaf.rect.w, leaf.score) for leaf in build_quadtree(flat, criterion="legacy")] == [(512, 0.0)]
     busy = flat.clone()
     busy[:, :256, :256] = checker(256, 256)
     leaves = build_quadtree(busy, criterion="legacy")
@@ -131,7 +139,7 @@ def test_legacy_criterion():
         (0, 256, 256, 256, 1),
         (256, 256, 256, 256, 1),
     ]
-    assert leaves[0].variance > 0.03 and leaves[1].variance == 0.0
+    assert leaves[0].score > 0.03 and leaves[1].score == 0.0
     assert len(build_quadtree(busy, criterion="legacy", max_depth=0)) == 1
 
 
@@ -144,11 +152,10 @@ def test_builder_rejects_bad_input():
 
 def test_quadtree_tiles_golden():
     leaves = assign_denoise(build_quadtree(quadrant_image(), min_tile=4))
-    tiles = quadtree_tiles(leaves, 4, 4, overlap=3, skip_diffusion_below=16)
-    assert all(isinstance(t, QuadTile) for t in tiles)
+    tiles = quadtree_tiles(leaves, 4, 4, overlap=3)
     # Global overlap clamps to min(4, 4) // 4 = 1. 16-px leaves: core 2x2, o = min(1, 1, 1) = 1,
     # grown and clipped to the 4x4 latent. 8-px leaves: core 1x1, o = min(1, 0, 0) = 0.
-    assert [(t.y0, t.x0, t.h, t.w, t.index) for t in tiles] == [
+    assert [(*t.rect.as_list(), t.index) for t in tiles] == [
         (0, 0, 3, 3, 0),
         (0, 1, 3, 3, 1),
         (1, 0, 3, 3, 2),
@@ -157,10 +164,22 @@ def test_quadtree_tiles_golden():
         (3, 2, 1, 1, 5),
         (3, 3, 1, 1, 6),
     ]
-    # min(w, h) = 8 < 16: skipped leaves get denoise 0; the others keep their leaf's denoise.
-    assert [t.denoise for t in tiles] == pytest.approx([0.2, 0.2, 0.2, 0.0, 0.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="outside"):
         quadtree_tiles(leaves, 2, 4, overlap=0)
+    with pytest.raises(ValueError, match="whole pixels"):
+        quadtree_tiles([Leaf(Rect(0, 0, 12, 16), 0, 0.0)], 4, 4, overlap=0)
+
+
+def test_max_tile_splits_flat_regions():
+    flat = torch.zeros(3, 64, 128)
+    assert key(build_quadtree(flat)) == [(0, 0, 128, 64, 0)]
+    # Sides above 32 split by size alone, past the 64 px minimum leaf: 128x64 -> 64x32 -> 32x16 (a
+    # quadtree halves both axes), and past max_depth too.
+    capped = build_quadtree(flat, max_tile=32)
+    assert len(capped) == 16 and {(leaf.rect.w, leaf.rect.h) for leaf in capped} == {(32, 16)}
+    assert key(build_quadtree(flat, max_tile=32, max_depth=1)) == key(capped)
+    with pytest.raises(ValueError, match="max_tile"):
+        build_quadtree(flat, max_tile=8)
 
 
 def test_overlay():

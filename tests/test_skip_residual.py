@@ -10,7 +10,6 @@ from core.upscale.skip_residual import (
     blend,
     linear_values,
     mix_with_reference,
-    parse_overrides,
     phase_strengths,
     reference_weights,
     rewind_ranges,
@@ -126,20 +125,6 @@ def test_linear_values():
     assert linear_values(0.35, 0.15, 1) == [0.35]
     with pytest.raises(ValueError, match="n must be"):
         linear_values(0.1, 0.2, 0)
-
-
-def test_parse_overrides():
-    assert parse_overrides("0.5", 3, field="skip") == [0.5, 0.5, 0.5]
-    assert parse_overrides(" 0.1, 0.2 ,1.5", 3, field="skip") == [0.1, 0.2, 1.0]
-    assert parse_overrides("-1,0.5,", 2, field="skip") == [0.0, 0.5]  # empty items skipped
-    with pytest.raises(ValueError, match=r"renoise_override.*'0.1,0.2'"):
-        parse_overrides("0.1,0.2", 3, field="renoise_override")
-    for bad in ("a,b", "", " , ", "nan"):
-        with pytest.raises(ValueError, match="skip_override"):
-            parse_overrides(bad, 2, field="skip_override")
-
-
-# --- blends (§5.2) ---------------------------------------------------------------------------------
 
 
 def t(*rows):

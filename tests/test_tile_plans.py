@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.flow.schedules import euler_step, get_sigmas, img2img_sigmas, noise_to
+from core.flow.schedules import euler_step, get_sigmas, img2img_sigmas, img2img_start, noise_to
 from core.flow.seeds import gaussian_noise
 from core.tiling.quadtree import assign_denoise, build_quadtree, quadtree_tiles
-from core.tiling.tile_plans import SpotPlan, TilePlan, fibonacci_spacing, pin_to_reference, tile_start_indices
+from core.tiling.rect import Rect
+from core.tiling.tile_plans import SpotPlan, TilePlan, fibonacci_spacing, pin_to_reference
 from core.tiling.tiles import Tile, grid_tiles, weight_map
 
 C = 4
@@ -69,7 +70,7 @@ def test_overlap_zero_equals_pasting_independent_tiles():
 
 def test_mixture_overlap_by_hand():
     x = latent(4, 6)
-    tiles = [Tile(0, 0, 4, 4, 0), Tile(0, 2, 4, 4, 1)]
+    tiles = [Tile(Rect(0, 0, 4, 4), 0), Tile(Rect(0, 2, 4, 4), 1)]
     fused = step_velocity(TilePlan(tiles, method="mixture"), x)
     va, vb = fake_velocity(x[0, :, :, :4]), fake_velocity(x[0, :, :, 2:])
     w = weight_map(4, 4, "mixture")
@@ -78,15 +79,21 @@ def test_mixture_overlap_by_hand():
     torch.testing.assert_close(fused[0, :, :, :2], va[:, :, :2])
 
 
-def test_tile_start_indices_golden():
-    # s = N - round(d N), halves round up: 0.25 * 10 = 2.5 -> 3 -> s = 7.
-    assert tile_start_indices([1.0, 0.5, 0.25, 0.0], 10) == [0, 5, 7, 10]
+def starts(denoise, steps):
+    return [img2img_start(steps, d) for d in denoise]
+
+
+def test_tile_starts_follow_the_img2img_rule():
+    # s = N - ceil(N d): 0.25 * 10 = 2.5 -> 3 steps run -> s = 7 (the pass a plain img2img at 0.25 runs).
+    assert starts([1.0, 0.5, 0.25, 0.0], 10) == [0, 5, 7, 10]
+    # 0.7 * 10 = 7.000000000000001 in floats: 7 steps, not 8.
+    assert img2img_start(10, 0.7) == 3
     with pytest.raises(ValueError, match="1.5"):
-        tile_start_indices([1.5], 10)
+        img2img_start(10, 1.5)
 
 
 def test_activity_golden():
-    tiles = [Tile(0, 0, 2, 4, 0), Tile(0, 2, 2, 4, 1)]
+    tiles = [Tile(Rect(0, 0, 2, 4), 0), Tile(Rect(0, 2, 2, 4), 1)]
     plan = TilePlan(tiles, start_index=[0, 3], width=8)
     # Step 1: tile 0 only; shared columns 2-3 are half active; column 6-7 is covered by nothing.
     assert plan.activity(1)[0].tolist() == [1.0, 1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
@@ -111,7 +118,7 @@ def test_shared_denoise_with_pinning_equals_img2img(method):
     steps, d = 8, 0.5
     sigmas, x_ref, eps, z_next = reference_setup(8, 12, steps)
     tiles = grid_tiles(8, 12, tile=6, overlap=2)
-    start = tile_start_indices([d] * len(tiles), steps)
+    start = starts([d] * len(tiles), steps)
     assert start[0] == 4 and sigmas[4:] == img2img_sigmas(sigmas, d)
     pinned = sample(
         TilePlan(tiles, method=method, start_index=start), noise_to(x_ref, eps, sigmas[0]), sigmas, pin=z_next
@@ -126,13 +133,16 @@ def test_zero_denoise_tiles_stay_on_reference():
     steps = 6
     sigmas, x_ref, eps, z_next = reference_setup(8, 8, steps)
     tiles = grid_tiles(8, 8, tile=4, overlap=0)  # TL, TR, BL, BR
-    plan = TilePlan(tiles, start_index=tile_start_indices([0.0, 0.5, 1.0, 0.0], steps))
+    plan = TilePlan(tiles, start_index=starts([0.0, 0.5, 1.0, 0.0], steps))
     x = noise_to(x_ref, eps, sigmas[0])
     for k in range(steps):
         x = euler_step(x, step_velocity(plan, x, sigmas[k], k), sigmas[k], sigmas[k + 1])
         x = pin_to_reference(x, plan.activity(k), z_next(k))
         for t in (tiles[0], tiles[3]):
-            assert torch.equal(x[..., t.y0 : t.y1, t.x0 : t.x1], z_next(k)[..., t.y0 : t.y1, t.x0 : t.x1])
+            assert torch.equal(
+                x[..., t.rect.y0 : t.rect.y1, t.rect.x0 : t.rect.x1],
+                z_next(k)[..., t.rect.y0 : t.rect.y1, t.rect.x0 : t.rect.x1],
+            )
     assert torch.equal(x[..., :4, :4], x_ref[..., :4, :4]) and torch.equal(x[..., 4:, 4:], x_ref[..., 4:, 4:])
     assert not torch.allclose(x[..., :4, 4:], x_ref[..., :4, 4:], atol=1e-2)
 
@@ -141,22 +151,21 @@ def test_quadtree_tiles_with_exact_denoise_run():
     img = torch.full((3, 64, 64), 0.3)
     img[:, 32:, 32:] = (torch.arange(32)[None, :, None] % 2).float()
     leaves = assign_denoise(build_quadtree(img, min_tile=4))
-    tiles = quadtree_tiles(leaves, 8, 8, overlap=1, skip_diffusion_below=16)
+    tiles = quadtree_tiles(leaves, 8, 8, overlap=1)
+    denoise = [0.0 if min(leaf.rect.h, leaf.rect.w) < 16 else leaf.denoise for leaf in leaves]
     steps = 4
     sigmas, x_ref, eps, z_next = reference_setup(8, 8, steps)
-    plan = TilePlan(
-        tiles, method="mixture", start_index=tile_start_indices([t.denoise for t in tiles], steps)
-    )
+    plan = TilePlan(tiles, method="mixture", start_index=starts(denoise, steps))
     out = sample(plan, noise_to(x_ref, eps, sigmas[0]), sigmas, pin=z_next)
     assert torch.isfinite(out).all()
-    skipped = [t for t in tiles if t.denoise == 0.0]
-    assert skipped and all(plan.activity(steps - 1)[t.slices()].max() < 1 for t in skipped)
+    skipped = [t for t, d in zip(tiles, denoise, strict=True) if d == 0.0]
+    assert skipped and all(plan.activity(steps - 1)[t.rect.slices()].max() < 1 for t in skipped)
 
 
 def test_compat_denoise_reproduces_upstream_blend():
     sigmas = get_sigmas(4)
     x, ref = latent(4, 4), latent(4, 4, seed=3)
-    tiles = [Tile(0, 0, 4, 4, 0)]
+    tiles = [Tile(Rect(0, 0, 4, 4), 0)]
     v = fake_velocity(x[0])[None]
     # d = 1 -> beta = 1 at every p: identical to the plain plan.
     full = TilePlan(tiles, compat_denoise=[1.0], sigmas=sigmas, reference=ref)
@@ -178,12 +187,12 @@ def test_compat_denoise_reproduces_upstream_blend():
 
 def test_plan_validation():
     with pytest.raises(ValueError, match="start_index"):
-        TilePlan([Tile(0, 0, 4, 4, 0)], start_index=[0, 1])
-    plan = TilePlan([Tile(0, 0, 4, 4, 0)])
+        TilePlan([Tile(Rect(0, 0, 4, 4), 0)], start_index=[0, 1])
+    plan = TilePlan([Tile(Rect(0, 0, 4, 4), 0)])
     with pytest.raises(ValueError, match=r"\[1, C, 4, 4\]"):
         plan.views(latent(4, 6), 0.5, 0)
     with pytest.raises(ValueError, match="weight"):  # a gap is an error when every tile is always active
-        step_velocity(TilePlan([Tile(0, 0, 4, 4, 0)], width=6), latent(4, 6))
+        step_velocity(TilePlan([Tile(Rect(0, 0, 4, 4), 0)], width=6), latent(4, 6))
 
 
 # SpotDiffusion ---------------------------------------------------------------------------------
@@ -232,7 +241,7 @@ def test_spot_offset_grid_covers_every_pixel_once():
     for k in range(10):
         count = torch.zeros(20, 28)
         for t in plan.tiles_at(k):
-            count[t.slices()] += 1
+            count[t.rect.slices()] += 1
         assert torch.equal(count, torch.ones(20, 28))
         step_velocity(plan, latent(20, 28), 0.5, k)  # coverage check passes
 
@@ -268,7 +277,9 @@ def test_spot_offset_step_equals_direct_computation():
     plan = SpotPlan(8, 8, tile=4, seed=2)
     k = find_step(plan, (2, 0))
     rows, cols = [(0, 2), (2, 6), (6, 8)], [(0, 4), (4, 8)]
-    assert [(t.y0, t.y1, t.x0, t.x1) for t in plan.tiles_at(k)] == [r + c for r in rows for c in cols]
+    assert [(t.rect.y0, t.rect.y1, t.rect.x0, t.rect.x1) for t in plan.tiles_at(k)] == [
+        r + c for r in rows for c in cols
+    ]
     expected = torch.empty_like(x)
     for y0, y1 in rows:
         for x0, x1 in cols:
@@ -285,7 +296,9 @@ def test_spot_on_quadtree_tiles():
     rolled = torch.roll(latent(8, 8), shifts=(2, 0), dims=(-2, -1))
     expected = torch.empty_like(rolled)
     for t in tiles:
-        expected[0, :, t.y0 : t.y1, t.x0 : t.x1] = fake_velocity(rolled[0, :, t.y0 : t.y1, t.x0 : t.x1])
+        expected[0, :, t.rect.y0 : t.rect.y1, t.rect.x0 : t.rect.x1] = fake_velocity(
+            rolled[0, :, t.rect.y0 : t.rect.y1, t.rect.x0 : t.rect.x1]
+        )
     got = step_velocity(plan, latent(8, 8), 0.5, k)
     assert torch.equal(got, torch.roll(expected, shifts=(-2, 0), dims=(-2, -1)))
     with pytest.raises(ValueError, match="wrap=True"):

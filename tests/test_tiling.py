@@ -1,23 +1,14 @@
-"""Tile geometry, weight maps and fusion (algorithms.md section 6)."""
-
-import math
+"""Tile geometry, weight maps and fusion (MultiDiffusion eq. 5, Mixture of Diffusers weights)."""
 
 import pytest
 import torch
 
-from core.tiling.tiles import (
-    Tile,
-    crop,
-    fuse_views,
-    fuse_with_coverage,
-    grid_tiles,
-    tile_border_mask,
-    weight_map,
-)
+from core.tiling.rect import Rect
+from core.tiling.tiles import Tile, fuse_views, fuse_with_coverage, grid_tiles, weight_map
 
 
 def boxes(tiles):
-    return [(t.y0, t.x0, t.h, t.w, t.index) for t in tiles]
+    return [(t.rect.y0, t.rect.x0, t.rect.h, t.rect.w, t.index) for t in tiles]
 
 
 # Golden tile lists derived by hand from n = ceil((L - tile) / stride) + 1 and the shift-back rule.
@@ -58,8 +49,8 @@ def test_grid_tiles_cover_and_align():
     tiles = grid_tiles(46, 70, tile=(16, 24), overlap=6)
     count = torch.zeros(46, 70)
     for t in tiles:
-        assert t.y0 % 2 == t.x0 % 2 == t.h % 2 == t.w % 2 == 0
-        count[t.slices()] += 1
+        assert t.rect.y0 % 2 == t.rect.x0 % 2 == t.rect.h % 2 == t.rect.w % 2 == 0
+        count[t.rect.slices()] += 1
     assert bool((count >= 1).all())
 
 
@@ -90,7 +81,7 @@ def test_mixture_weights_golden():
 def test_coverage_assertion_var():
     # One 128x128 Gaussian tile: var 0.02 keeps the corner weight above 1e-6 (about 3.6e-5),
     # var 0.01 drops it to about 3e-10, which the coverage check must reject (section 6.3).
-    tile = [Tile(0, 0, 128, 128, 0)]
+    tile = [Tile(Rect(0, 0, 128, 128), 0)]
     out = [torch.ones(1, 128, 128)]
     fuse_views((1, 1, 128, 128), tile, out, [weight_map(128, 128, "mixture", var=0.02)])
     with pytest.raises(ValueError, match="tile weight <= 1e-06"):
@@ -98,7 +89,7 @@ def test_coverage_assertion_var():
 
 
 def test_fuse_uncovered_pixels():
-    tiles = [Tile(0, 0, 4, 4, 0)]
+    tiles = [Tile(Rect(0, 0, 4, 4), 0)]
     out = [torch.full((2, 4, 4), 3.0)]
     with pytest.raises(ValueError, match="32 of 48 latent pixels"):
         fuse_views((1, 2, 4, 12), tiles, out, [torch.ones(4, 4)])
@@ -111,7 +102,7 @@ def test_fuse_uncovered_pixels():
 
 def test_fuse_single_tile_is_identity():
     v = torch.randn(3, 6, 10, generator=torch.Generator().manual_seed(0))
-    tile = [Tile(0, 0, 6, 10, 0)]
+    tile = [Tile(Rect(0, 0, 6, 10), 0)]
     assert torch.equal(fuse_views((1, 3, 6, 10), tile, [v], [torch.ones(6, 10)]), v[None])
     mixed = fuse_views((1, 3, 6, 10), tile, [v], [weight_map(6, 10, "mixture")])
     torch.testing.assert_close(mixed, v[None], rtol=1e-6, atol=1e-6)
@@ -121,7 +112,7 @@ def test_fuse_weighted_average_by_hand():
     # Two tiles overlapping in column 2 of a 1x4 latent: there the value is (w_a a + w_b b) / (w_a + w_b).
     a, b = torch.full((1, 1, 3), 1.0), torch.full((1, 1, 2), 5.0)
     wa, wb = torch.tensor([[1.0, 1.0, 3.0]]), torch.tensor([[1.0, 2.0]])
-    tiles = [Tile(0, 0, 1, 3, 0), Tile(0, 2, 1, 2, 1)]
+    tiles = [Tile(Rect(0, 0, 1, 3), 0), Tile(Rect(0, 2, 1, 2), 1)]
     fused = fuse_views((1, 1, 1, 4), tiles, [a, b], [wa, wb])
     assert fused.flatten().tolist() == [1.0, 1.0, (3 * 1 + 1 * 5) / 4, 5.0]
 
@@ -129,8 +120,8 @@ def test_fuse_weighted_average_by_hand():
 def test_fuse_order_is_tile_index_not_arrival():
     gen = torch.Generator().manual_seed(1)
     tiles = grid_tiles(12, 12, tile=6, overlap=2)
-    outs = [torch.randn(2, t.h, t.w, generator=gen) * 1e3 for t in tiles]
-    weights = [weight_map(t.h, t.w, "mixture") for t in tiles]
+    outs = [torch.randn(2, t.rect.h, t.rect.w, generator=gen) * 1e3 for t in tiles]
+    weights = [weight_map(t.rect.h, t.rect.w, "mixture") for t in tiles]
     ref = fuse_views((1, 2, 12, 12), tiles, outs, weights)
     perm = [3, 0, 2, 1] + list(range(4, len(tiles)))
     shuffled = fuse_views(
@@ -141,22 +132,22 @@ def test_fuse_order_is_tile_index_not_arrival():
 
 def test_fuse_keeps_output_dtype():
     v = torch.randn(2, 4, 4).to(torch.bfloat16)
-    fused = fuse_views((1, 2, 4, 4), [Tile(0, 0, 4, 4, 0)], [v], [torch.ones(4, 4)])
+    fused = fuse_views((1, 2, 4, 4), [Tile(Rect(0, 0, 4, 4), 0)], [v], [torch.ones(4, 4)])
     assert fused.dtype == torch.bfloat16
 
 
-def test_crop_and_border_mask():
+def test_rect_cut_grow_and_scale():
     x = torch.arange(32.0).view(1, 1, 4, 8)
-    assert torch.equal(crop(x, Tile(1, 2, 2, 3, 0)), x[..., 1:3, 2:5])
-    mask = tile_border_mask(4, 8, [Tile(0, 0, 4, 4, 0), Tile(0, 4, 4, 4, 1)])
-    expected = torch.zeros(4, 8, dtype=torch.bool)
-    expected[:, 3:5] = True  # the seam between the tiles, both sides; the latent border is not a seam
-    assert torch.equal(mask, expected)
+    assert torch.equal(Rect(1, 2, 2, 3).cut(x), x[..., 1:3, 2:5])
+    assert Rect(1, 2, 2, 3).grow(2, 4, 6) == Rect(0, 0, 4, 6)  # clipped to the 4 x 6 grid
+    assert Rect(8, 16, 8, 24).scale(1, 8) == Rect(1, 2, 1, 3) and Rect(1, 2, 3, 4).as_list() == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="whole pixels"):
+        Rect(4, 0, 8, 8).scale(1, 8)
 
 
 def test_tile_validation():
-    with pytest.raises(ValueError, match="tile size"):
-        Tile(0, 0, 0, 4, 0)
+    with pytest.raises(ValueError, match="rect size"):
+        Tile(Rect(0, 0, 0, 4), 0)
     with pytest.raises(ValueError, match="outside"):
-        fuse_views((1, 1, 4, 4), [Tile(2, 0, 4, 4, 0)], [torch.ones(1, 4, 4)], [torch.ones(4, 4)])
-    assert math.isclose(Tile(1, 2, 3, 4, 0).y1, 4) and Tile(1, 2, 3, 4, 0).x1 == 6
+        fuse_views((1, 1, 4, 4), [Tile(Rect(2, 0, 4, 4), 0)], [torch.ones(1, 4, 4)], [torch.ones(4, 4)])
+    assert Rect(1, 2, 3, 4).y1 == 4 and Rect(1, 2, 3, 4).x1 == 6

@@ -1,4 +1,4 @@
-"""Small pictures for job artifacts: bar charts, latent previews, side-by-side panels, sample grids.
+"""Small pictures for job artifacts: bar charts, latent previews, and one grid of labelled panels.
 
 Everything returns uint8 numpy arrays [H, W, 3]; writing them to disk is the runner's job.
 
@@ -207,48 +207,46 @@ def _check_rgb(images: Sequence[np.ndarray]) -> None:
             raise ValueError(f"images[{i}] must be uint8 [H, W, 3], got {im.dtype} {im.shape}")
 
 
-def side_by_side(
-    images: Sequence[np.ndarray], *, labels: Sequence[str] | None = None, pad: int = 8
+def grid(
+    images: Sequence[np.ndarray],
+    *,
+    cols: int | None = None,
+    labels: Sequence[str] | None = None,
+    pad: int = 8,
 ) -> np.ndarray:
-    """Panels in one row, each nearest-resized to the tallest height, with labels above them."""
-    _check_rgb(images)
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"labels need {len(images)} entries, got {len(labels)}")
-    if pad < 0:
-        raise ValueError(f"pad must be >= 0, got {pad}")
-    height = max(im.shape[0] for im in images)
-    panels = []
-    for im in images:
-        w = max(1, round(im.shape[1] * height / im.shape[0]))
-        panels.append(np.asarray(Image.fromarray(im).resize((w, height), Image.Resampling.NEAREST)))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_h = _text_size(probe, "Ag")[1] + 2 * TEXT_PAD if labels is not None else 0
-    total_w = sum(p.shape[1] for p in panels) + pad * (len(panels) + 1)
-    canvas = Image.new("RGB", (total_w, height + label_h + 2 * pad), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    x = pad
-    for i, p in enumerate(panels):
-        canvas.paste(Image.fromarray(p), (x, pad + label_h))
-        if labels is not None:
-            draw.text((x, pad + TEXT_PAD), str(labels[i]), fill=INK, font=_font())
-        x += p.shape[1] + pad
-    return np.asarray(canvas, dtype=np.uint8).copy()
+    """Panels in rows of `cols` (default: all in one row), row-major, `pad` background pixels between
+    and around, an optional label above each panel.
 
-
-def grid(images: Sequence[np.ndarray], cols: int, pad: int = 8) -> np.ndarray:
-    """Equal-size images in rows of `cols`, row-major, `pad` pixels of background between and around."""
+    Every panel is nearest-resized to the tallest image's height (aspect kept); a column is as wide
+    as its widest panel, and panels sit at the top left of their cell.
+    """
     _check_rgb(images)
+    cols = len(images) if cols is None else cols
     if cols < 1 or pad < 0:
         raise ValueError(f"cols must be >= 1 and pad >= 0, got cols={cols}, pad={pad}")
-    h, w = images[0].shape[:2]
-    if any(im.shape != images[0].shape for im in images):
-        raise ValueError(f"grid images must share one shape, got {[im.shape for im in images]}")
-    cols = min(cols, len(images))
-    rows = math.ceil(len(images) / cols)
-    out = np.empty((rows * h + (rows + 1) * pad, cols * w + (cols + 1) * pad, 3), dtype=np.uint8)
-    out[:] = BACKGROUND
-    for i, im in enumerate(images):
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"labels need {len(images)} entries, got {len(labels)}")
+    height = max(im.shape[0] for im in images)
+    panels = [
+        np.asarray(
+            Image.fromarray(im).resize(
+                (max(1, round(im.shape[1] * height / im.shape[0])), height), Image.Resampling.NEAREST
+            )
+        )
+        for im in images
+    ]
+    cols = min(cols, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    col_w = [max(p.shape[1] for p in panels[c::cols]) for c in range(cols)]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_h = _text_size(probe, "Ag")[1] + 2 * TEXT_PAD if labels is not None else 0
+    cell_h = label_h + height
+    canvas = Image.new("RGB", (sum(col_w) + pad * (cols + 1), rows * cell_h + pad * (rows + 1)), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for i, panel in enumerate(panels):
         r, c = divmod(i, cols)
-        y, x = pad + r * (h + pad), pad + c * (w + pad)
-        out[y : y + h, x : x + w] = im
-    return out
+        x, y = pad + sum(col_w[:c]) + c * pad, pad + r * (cell_h + pad)
+        canvas.paste(Image.fromarray(panel), (x, y + label_h))
+        if labels is not None:
+            draw.text((x, y + TEXT_PAD), str(labels[i]), fill=INK, font=_font())
+    return np.asarray(canvas, dtype=np.uint8).copy()

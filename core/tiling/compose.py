@@ -1,6 +1,6 @@
 """One step's velocity over the whole latent from a local plan and an optional global one.
 
-    v(x, sigma, k) = (1 - c2) * local.fuse(...) + c2 * global.fuse(...)     (DemoFusion §3.2)
+    v(x, sigma, k) = (1 - c2) * local.fuse(...) + c2 * global.fuse(...)     (DemoFusion, arXiv 2311.16973)
 
 All views of a step (local tiles and global sub-lattices) go to `evaluate` in ONE call, so one
 step is one barrier across the pool.
@@ -22,7 +22,6 @@ def compose_velocity(
     evaluate: Evaluate,
     *,
     global_plan: Plan | None = None,
-    cosine_scale_2: float = 1.0,
     on_views: Callable[[int, int], None] | None = None,
 ) -> ModelFn:
     """A model_fn(x, sigma, step) -> v over the whole latent from a local plan and an optional global one.
@@ -38,7 +37,7 @@ def compose_velocity(
         v = local.fuse(x, outputs[:n], sigma, step).to(x.dtype)
         if global_plan is not None:
             v_global = global_plan.fuse(x, outputs[n:], sigma, step).to(x.dtype)
-            v = fuse_global(v, v_global, sigma, cosine_scale_2)
+            v = fuse_global(v, v_global, sigma)
         if on_views is not None:
             on_views(step, len(outputs))
         return v

@@ -1,10 +1,11 @@
 """DemoFusion's global paths (dilated sampling), ported to flow matching.
 
-Algorithms.md §3.2 and §3.4 (DemoFusion, arXiv 2311.16973; PRIS-CV/DemoFusion, reimplemented from
-the formulas). At phase factor s the latent is split into s^2 interleaved sub-lattices
-z[:, :, h::s, w::s]; each is about the model's native size and sees the whole image, so the model
-keeps global structure coherent while the local tiles add detail. The two are fused with
-c2 = cos_f^cosine_scale_2.
+DemoFusion (arXiv 2311.16973, "dilated sampling"), reimplemented from the paper's formulas. At phase
+factor s the latent is split into s^2 interleaved sub-lattices z[:, :, h::s, w::s]; each is about
+the model's native size and sees the whole image, so the model keeps global structure coherent
+while the local tiles add detail. The two are fused with weight c2 = cos_f on the global path.
+DemoFusion's exponents cosine_scale_2 and cosine_scale_3 are fixed at its defaults (1): no user set
+them, so they are not knobs (docs/upscale.md).
 
 Decisions:
 - cos_f follows sigma: cos_f = 0.5 (1 + cos(pi (1 - sigma))), as DemoFusion follows its scheduler
@@ -41,32 +42,33 @@ from core.tiling.views import ViewInput
 
 
 def cosine_factor(sigma: float) -> float:
-    """cos_f = 0.5 (1 + cos(pi (1 - sigma))): 1 at sigma = 1, 0.5 at 0.5, 0 at sigma = 0 (§3.4)."""
+    """cos_f = 0.5 (1 + cos(pi (1 - sigma))): 1 at sigma = 1, 0.5 at 0.5, 0 at sigma = 0.
+
+    DemoFusion's 0.5 (1 + cos(pi (T - t) / T)) with t / T = sigma: it follows flow time, not the
+    step index, so on a shifted schedule it differs from an index-based cosine (docs/upscale.md)."""
     if not 0.0 <= sigma <= 1.0:
         raise ValueError(f"sigma must be in [0, 1], got {sigma}")
     return 0.5 * (1.0 + math.cos(math.pi * (1.0 - sigma)))
 
 
-def c2(sigma: float, cosine_scale_2: float = 1.0) -> float:
-    """Weight of the global (dilated) path in the local/global fusion: cos_f^cosine_scale_2 (§3.2)."""
-    return cosine_factor(sigma) ** cosine_scale_2
+def c2(sigma: float) -> float:
+    """Weight of the global (dilated) path in the local/global fusion: cos_f (DemoFusion's c2)."""
+    return cosine_factor(sigma)
 
 
-def c3(sigma: float, cosine_scale_3: float = 1.0) -> float:
-    """Blur strength factor of the global views: 0.99 cos_f^cosine_scale_3 + 0.01 (§3.2)."""
-    return 0.99 * cosine_factor(sigma) ** cosine_scale_3 + 0.01
+def c3(sigma: float) -> float:
+    """Blur strength factor of the global views: 0.99 cos_f + 0.01 (DemoFusion, arXiv 2311.16973)."""
+    return 0.99 * cosine_factor(sigma) + 0.01
 
 
-def fuse_global(
-    v_local: torch.Tensor, v_global: torch.Tensor, sigma: float, cosine_scale_2: float = 1.0
-) -> torch.Tensor:
+def fuse_global(v_local: torch.Tensor, v_global: torch.Tensor, sigma: float) -> torch.Tensor:
     """(1 - c2) v_local + c2 v_global, in float32, cast back to v_local's dtype.
 
-    DemoFusion fuses the stepped latents; for Euler, fusing the velocities is the same (§3.4).
+    DemoFusion fuses the stepped latents; for Euler (linear in v) fusing the velocities is the same.
     """
     if v_local.shape != v_global.shape:
         raise ValueError(f"local and global velocities differ in shape: {v_local.shape} vs {v_global.shape}")
-    w = c2(sigma, cosine_scale_2)
+    w = c2(sigma)
     fused = (1.0 - w) * v_local.float() + w * v_global.float()
     return fused.to(v_local.dtype)
 
@@ -108,7 +110,6 @@ class DilatedPlan:
     factor: int
     _: KW_ONLY
     blur_sigma: float = 1.0
-    cosine_scale_3: float = 1.0
     rope: RopeSpec | None = None
     native_size: int | None = None  # latent pixels per side of the model's native grid
     align: int = 1  # sub-lattice sides are multiples of this (2 for Flux's 2x2 token packing)
@@ -118,8 +119,6 @@ class DilatedPlan:
             raise ValueError(f"dilated.factor must be an integer >= 1, got {self.factor!r}")
         if self.blur_sigma < 0:
             raise ValueError(f"dilated.blur_sigma must be >= 0, got {self.blur_sigma}")
-        if self.cosine_scale_3 < 0:
-            raise ValueError(f"dilated.cosine_scale_3 must be >= 0, got {self.cosine_scale_3}")
         if self.align < 1:
             raise ValueError(f"dilated.align must be >= 1, got {self.align}")
         if self.native_size is not None and self.native_size < 1:
@@ -135,7 +134,7 @@ class DilatedPlan:
         s = self.factor
         pad_h, pad_w = self.padding(x.shape[-2], x.shape[-1])
         z = _pad(x, (pad_w, 0, pad_h, 0))  # [1, C, Hp, Wp]
-        z_g = gaussian_blur(z, 2 * s - 1, self.blur_sigma * c3(sigma, self.cosine_scale_3))
+        z_g = gaussian_blur(z, 2 * s - 1, self.blur_sigma * c3(sigma))
         z_g = _restandardise(z_g, z)
         sub_h, sub_w = z.shape[-2] // s, z.shape[-1] // s
         too_big = self.native_size is None or sub_h > self.native_size or sub_w > self.native_size

@@ -47,3 +47,15 @@ class Rect:
     def cut(self, x: torch.Tensor) -> torch.Tensor:
         """x[..., rows, cols] of this rect (a view)."""
         return x[..., self.y0 : self.y1, self.x0 : self.x1]
+
+    def grow(self, margin: int, height: int, width: int) -> Rect:
+        """This rect grown by `margin` on every side, clipped to [0, height) x [0, width)."""
+        y0, x0 = max(0, self.y0 - margin), max(0, self.x0 - margin)
+        return Rect(y0, x0, min(height, self.y1 + margin) - y0, min(width, self.x1 + margin) - x0)
+
+    def inside(self, height: int, width: int) -> bool:
+        return self.y1 <= height and self.x1 <= width
+
+    def as_list(self) -> list[int]:
+        """[y0, x0, h, w], the form job records use."""
+        return [self.y0, self.x0, self.h, self.w]

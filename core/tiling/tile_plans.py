@@ -2,50 +2,45 @@
 
 Each plan implements core.tiling.views.Plan: `views` cuts the tiles of one step out of the latent
 x [1, C, H, W], and `fuse` merges the model's velocities [C, h, w] into one velocity [1, C, H, W]
-(algorithms.md section 6). The sampler stays a plain Euler loop around them.
+(MultiDiffusion, arXiv 2302.08113; Mixture of Diffusers, arXiv 2302.02412). The sampler stays a
+plain Euler loop around them. docs/upscale.md explains each decision below.
 
 Decisions:
-- Per-tile denoise is exact (section 7.4b [correct]): tile i runs from step s_i = N - round(d_i N),
-  rounding halves up; before that its pixels are pinned to the inversion trajectory by the
-  sampler through `pin_to_reference`. Pixels no tile covers have activity 0 and stay pinned.
-- `compat_denoise` reproduces the upstream quadtree blend (section 7.4a [parity: comfy_compat]),
-  img2img form only: it mixes the displacement (orig - x_in) into an x0 estimate, which is wrong
-  for flow models (the "film negative" tiles, section 13b). It exists only to compare with
-  upstream. The txt2img scale form (x0 shrunk toward 0) is not implemented.
-- Spot shifts are drawn per (seed, "spot", axis, step) from keyed CPU generators, the two axes
-  keyed apart (section 6.4 [ours]), in steps of `align` latent pixels (align=1 gives upstream's
-  U{0, tile-1}). The one-axis-per-step rule follows upstream: with both shifts nonzero, the rows
-  move iff (step even) == (tile_h > tile_w), else the columns.
+- Per-tile denoise is exact: tile i starts at step s_i = img2img_start(N, d_i) (the same rule as a
+  plain img2img pass, core.flow.schedules), and before that its pixels are pinned to the inversion
+  trajectory z'_sigma = (1 - sigma) u + sigma eps by the sampler through `pin_to_reference`. With
+  one shared eps this makes each tile's pass an img2img pass at its own strength, consistent across
+  overlaps. Pixels no active tile covers have activity 0 and stay pinned.
+- `compat_denoise` reproduces the comfyui-quadtree-tile blend for comparison only, img2img form:
+  it mixes the displacement (orig - x_in) into an x0 estimate, which is wrong for flow models
+  (the "film negative" tiles). The txt2img scale form (x0 shrunk toward 0) is not implemented.
+- Spot shifts (SpotDiffusion, arXiv 2407.15507) are drawn per (seed, "spot", axis, step) from keyed
+  CPU generators, the two axes keyed apart (upstream seeds both alike, which correlates them), in
+  steps of `align` latent pixels (align=1 gives upstream's U{0, tile-1}). The one-axis-per-step
+  rule follows upstream: with both shifts nonzero, the rows move iff (step even) == (tile_h >
+  tile_w), else the columns.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
 from core.flow.schedules import velocity_from_x0, x0_from_velocity
 from core.flow.seeds import cpu_generator, derive_seed
 from core.rope.spec import RopeSpec
-from core.tiling.tiles import Tile, crop, fuse_views, grid_tiles, tile_weights
+from core.tiling.rect import Rect
+from core.tiling.tiles import FusionMethod, Tile, check_inside, fuse_views, grid_tiles, tile_weights
 from core.tiling.views import ViewInput
 
-SPOT_MODES = ("random", "sorted", "fibonacci")
-
-
-def tile_start_indices(denoise: Sequence[float], steps: int) -> list[int]:
-    """s_i = N - round(d_i N) per tile (section 7.4b): d = 1 starts at step 0, d = 0 never runs (s = N)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    for d in denoise:
-        if not 0.0 <= d <= 1.0:
-            raise ValueError(f"tile denoise must be in [0, 1], got {d}")
-    return [steps - math.floor(d * steps + 0.5) for d in denoise]
+SpotMode = Literal["random", "sorted", "fibonacci"]
+SPOT_MODES: tuple[SpotMode, ...] = ("random", "sorted", "fibonacci")
 
 
 def pin_to_reference(x_next: torch.Tensor, activity: torch.Tensor, z_ref_next: torch.Tensor) -> torch.Tensor:
-    """x_{k+1} = A_k * x_next + (1 - A_k) * z_ref_{k+1} (section 7.4b), activity [H, W] in [0, 1].
+    """x_{k+1} = A_k * x_next + (1 - A_k) * z_ref_{k+1}, activity (or a mask) [H, W] in [0, 1].
 
     Written as two products rather than a lerp so that A = 0 gives z_ref and A = 1 gives x_next exactly.
     """
@@ -61,16 +56,16 @@ def _check_latent(x: torch.Tensor, height: int, width: int) -> None:
 
 def _view(x: torch.Tensor, tile: Tile, sigma: float, rope: RopeSpec | None) -> ViewInput:
     # A copy with its own storage, so shipping a view never pickles the whole latent.
-    return ViewInput(crop(x[0], tile).clone(memory_format=torch.contiguous_format), sigma, rope)
+    return ViewInput(tile.rect.cut(x[0]).clone(memory_format=torch.contiguous_format), sigma, rope)
 
 
 class TilePlan:
-    """Fused tiles with optional per-tile start steps (MultiDiffusion / Mixture of Diffusers, 6.2-6.3).
+    """Fused tiles with optional per-tile start steps (MultiDiffusion / Mixture of Diffusers).
 
     tiles: fixed tiles inside a height x width latent (default: the tiles' extent).
     start_index: tile i is active at step k iff k >= start_index[i] (default: all active from 0);
         inactive tiles are not evaluated, and `fuse` renormalises over the active ones.
-    compat_denoise, sigmas, reference: the upstream per-tile blend (section 7.4a), needing the full
+    compat_denoise, sigmas, reference: the upstream per-tile blend (module docstring), needing the full
         schedule (for the progress p) and the reference latent orig [1, C, H, W].
     """
 
@@ -78,7 +73,7 @@ class TilePlan:
         self,
         tiles: Sequence[Tile],
         *,
-        method: str = "multidiffusion",
+        method: FusionMethod = "multidiffusion",
         start_index: Sequence[int] | None = None,
         compat_denoise: Sequence[float] | None = None,
         sigmas: Sequence[float] | None = None,
@@ -90,11 +85,9 @@ class TilePlan:
         if not tiles:
             raise ValueError("tiles must not be empty")
         self.tiles = list(tiles)
-        self.height = max(t.y1 for t in self.tiles) if height is None else height
-        self.width = max(t.x1 for t in self.tiles) if width is None else width
-        for t in self.tiles:
-            if t.y1 > self.height or t.x1 > self.width:
-                raise ValueError(f"tile {t} lies outside the {self.height}x{self.width} latent")
+        self.height = max(t.rect.y1 for t in self.tiles) if height is None else height
+        self.width = max(t.rect.x1 for t in self.tiles) if width is None else width
+        check_inside(self.tiles, self.height, self.width)
         self.method, self.rope = method, rope
         self.weights = tile_weights(self.tiles, method)
         if start_index is not None:
@@ -119,7 +112,7 @@ class TilePlan:
             _check_latent(reference, self.height, self.width)
         total = torch.zeros(self.height, self.width)
         for t, w in zip(self.tiles, self.weights, strict=True):
-            total[t.slices()] += w
+            total[t.rect.slices()] += w
         self._weight_sum = total
 
     def active(self, step: int) -> list[int]:
@@ -132,7 +125,7 @@ class TilePlan:
         """A_k [H, W] float32: weighted fraction of the tiles covering a pixel that are active (0 if none)."""
         act = torch.zeros(self.height, self.width)
         for i in self.active(step):
-            act[self.tiles[i].slices()] += self.weights[i]
+            act[self.tiles[i].rect.slices()] += self.weights[i]
         return torch.where(self._weight_sum > 0, act / self._weight_sum.clamp_min(1e-30), 0.0)
 
     def views(self, x: torch.Tensor, sigma: float, step: int) -> list[ViewInput]:
@@ -166,8 +159,8 @@ class TilePlan:
         progress = idx / (len(self.sigmas) - 1)
         d = self.compat_denoise[i]
         beta = min(max(d + (1.0 - d) * progress, 0.0), 1.0)
-        x_in = crop(x[0], self.tiles[i]).to(torch.float32)
-        orig = crop(self.reference[0], self.tiles[i]).to(device=x_in.device, dtype=torch.float32)
+        x_in = self.tiles[i].rect.cut(x[0]).to(torch.float32)
+        orig = self.tiles[i].rect.cut(self.reference[0]).to(device=x_in.device, dtype=torch.float32)
         x0 = x0_from_velocity(x_in, sigma, v.to(torch.float32))
         x0 = beta * x0 + (1.0 - beta) * (orig - x_in)
         return velocity_from_x0(x_in, sigma, x0).to(v.dtype)
@@ -192,7 +185,7 @@ def fibonacci_spacing(values: Sequence[int]) -> list[int]:
 
 
 class SpotPlan:
-    """SpotDiffusion (arXiv 2407.15507, section 6.4): non-overlapping windows whose grid moves every step.
+    """SpotDiffusion (arXiv 2407.15507): non-overlapping windows whose grid moves every step.
 
     wrap=True rolls x circularly by the step's shift, runs `tiles` (default: a stride = tile grid)
     and rolls the fused output back (upstream behaviour; it joins opposite borders in one window).
@@ -208,10 +201,10 @@ class SpotPlan:
         *,
         tile: int | tuple[int, int],
         seed: int,
-        mode: str = "random",
+        mode: SpotMode = "random",
         wrap: bool = False,
         tiles: Sequence[Tile] | None = None,
-        method: str = "multidiffusion",
+        method: FusionMethod = "multidiffusion",
         rope: RopeSpec | None = None,
         steps: int | None = None,
         align: int = 2,
@@ -225,9 +218,7 @@ class SpotPlan:
         self.th, self.tw = (tile, tile) if isinstance(tile, int) else (int(tile[0]), int(tile[1]))
         self.grid = grid_tiles(height, width, tile=(self.th, self.tw), overlap=0, align=align)
         self.tiles = list(tiles) if tiles is not None else self.grid
-        for t in self.tiles:
-            if t.y1 > height or t.x1 > width:
-                raise ValueError(f"tile {t} lies outside the {height}x{width} latent")
+        check_inside(self.tiles, height, width)
         self.height, self.width, self.seed, self.mode = height, width, seed, mode
         self.wrap, self.method, self.rope, self.steps, self.align = wrap, method, rope, steps, align
         self.weights = tile_weights(self.tiles, method)
@@ -274,7 +265,7 @@ class SpotPlan:
 
         rows, cols = spans(self.height, self.th, dy), spans(self.width, self.tw, dx)
         return [
-            Tile(y0, x0, y1 - y0, x1 - x0, i * len(cols) + j)
+            Tile(Rect(y0, x0, y1 - y0, x1 - x0), i * len(cols) + j)
             for i, (y0, y1) in enumerate(rows)
             for j, (x0, x1) in enumerate(cols)
         ]

@@ -1,17 +1,20 @@
-"""Tile geometry, fusion weight maps and the weighted fusion of per-tile outputs (algorithms.md section 6).
+"""Tiles, fusion weight maps and the weighted fusion of per-tile outputs (docs/upscale.md, "Tiles").
 
-A tile is a rectangle of the latent in latent pixels. Per step every tile's model output is fused
-with per-pixel weights normalised to sum to 1 (MultiDiffusion's closed form, arXiv 2302.08113,
-section 6.2), then one solver step runs on the whole latent. With Euler, fusing velocities equals
-fusing stepped latents (section 6.1), so the plans here fuse velocities.
+A tile is a rectangle of the latent in latent pixels plus its place in the fusion order. Per step
+every tile's model output is fused with per-pixel weights normalised to sum to 1 (the closed form
+of MultiDiffusion's least-squares fusion, arXiv 2302.08113), then one solver step runs on the
+whole latent. With Euler, fusing velocities equals fusing stepped latents (the step is linear in
+v), so the plans here fuse velocities.
 
 Decisions:
-- Grid windows follow DemoFusion's rule (section 3.2): n = ceil((H - tile) / stride) + 1 windows
-  per axis, and the last window is shifted back to end at the far edge instead of being padded.
-- Mixture of Diffusers weights use symmetric midpoints ((w - 1)/2, (h - 1)/2) and var = 0.02
-  (section 6.3 [ours]); the original's h/2 midpoint and var = 0.01 are not offered.
+- Grid windows follow DemoFusion's rule (arXiv 2311.16973): n = ceil((H - tile) / stride) + 1
+  windows per axis, and the last window is shifted back to end at the far edge instead of padded.
+- Mixture of Diffusers weights (arXiv 2302.02412) use symmetric midpoints ((w - 1)/2, (h - 1)/2)
+  and var = 0.02; the original's h/2 midpoint and var = 0.01 leave edge pixels with weights below
+  1e-6 (counted as uncovered) and are not offered.
 - Weight maps are computed in float64 on the CPU and then cast, so they are identical on any device.
-- Fusion accumulates in float32 in tile-index order whatever order the outputs arrived in (section 12.6).
+- Fusion accumulates in float32 in tile-index order whatever order the outputs arrived in, so the
+  result does not depend on which worker finished first.
 """
 
 from __future__ import annotations
@@ -19,39 +22,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-COVERAGE_EPS = 1e-6  # a pixel whose summed tile weight is at most this counts as uncovered (section 6.3)
-FUSION_METHODS = ("multidiffusion", "mixture")
+from core.tiling.rect import Rect
+
+COVERAGE_EPS = 1e-6  # a pixel whose summed tile weight is at most this counts as uncovered
+FusionMethod = Literal["multidiffusion", "mixture"]
+FUSION_METHODS: tuple[FusionMethod, ...] = ("multidiffusion", "mixture")
 
 
 @dataclass(frozen=True)
 class Tile:
-    """A rectangle [y0, y0 + h) x [x0, x0 + w) of the latent in latent pixels; index sets the fusion order."""
+    """A rectangle of the latent (latent pixels); `index` sets its place in the fusion order."""
 
-    y0: int
-    x0: int
-    h: int
-    w: int
+    rect: Rect
     index: int
-
-    def __post_init__(self) -> None:
-        if self.h < 1 or self.w < 1:
-            raise ValueError(f"tile size must be >= 1, got h={self.h}, w={self.w}")
-        if self.y0 < 0 or self.x0 < 0:
-            raise ValueError(f"tile origin must be >= 0, got y0={self.y0}, x0={self.x0}")
-
-    @property
-    def y1(self) -> int:
-        return self.y0 + self.h
-
-    @property
-    def x1(self) -> int:
-        return self.x0 + self.w
-
-    def slices(self) -> tuple[slice, slice]:
-        return slice(self.y0, self.y1), slice(self.x0, self.x1)
 
 
 def _pair(tile: int | tuple[int, int]) -> tuple[int, int]:
@@ -70,11 +57,11 @@ def _axis_origins(length: int, size: int, overlap: int) -> list[int]:
 def grid_tiles(
     height: int, width: int, *, tile: int | tuple[int, int], overlap: int, align: int = 2
 ) -> list[Tile]:
-    """Row-major overlapping grid covering a height x width latent (DemoFusion window rule, section 3.2).
+    """Row-major overlapping grid covering a height x width latent (DemoFusion's window rule).
 
     tile: (h, w) or one int for both, clamped to the latent; overlap: shared pixels between
-    neighbours, at most half the tile (section 6.5). Every size and origin is a multiple of
-    `align` (2 = one Flux token), so the latent and the tile must be too.
+    neighbours, at most half the tile. Every size and origin is a multiple of `align` (2 = one Flux
+    token), so the latent and the tile must be too.
     """
     th, tw = _pair(tile)
     if th < 1 or tw < 1:
@@ -97,13 +84,13 @@ def grid_tiles(
     th, tw = min(th, height), min(tw, width)
     ys = _axis_origins(height, th, overlap)
     xs = _axis_origins(width, tw, overlap)
-    return [Tile(y, x, th, tw, i * len(xs) + j) for i, y in enumerate(ys) for j, x in enumerate(xs)]
+    return [Tile(Rect(y, x, th, tw), i * len(xs) + j) for i, y in enumerate(ys) for j, x in enumerate(xs)]
 
 
 def weight_map(
     h: int,
     w: int,
-    method: str,
+    method: FusionMethod,
     *,
     var: float = 0.02,
     device: torch.device | str | None = None,
@@ -111,9 +98,9 @@ def weight_map(
 ) -> torch.Tensor:
     """Per-pixel fusion weight [h, w] of one tile.
 
-    multidiffusion: ones (a count average, section 6.2).
+    multidiffusion: ones (a count average: MultiDiffusion with uniform W).
     mixture: g_y (x) g_x with g_x(x) = exp(-(x - (w-1)/2)^2 / (2 var w^2)) / sqrt(2 pi var), and
-    likewise g_y with (h-1)/2 and h (Mixture of Diffusers, arXiv 2302.02412; section 6.3 [ours]).
+    likewise g_y with (h-1)/2 and h (Mixture of Diffusers, arXiv 2302.02412, symmetric midpoints).
     """
     if method not in FUSION_METHODS:
         raise ValueError(f"method must be one of {FUSION_METHODS}, got {method!r}")
@@ -131,26 +118,21 @@ def weight_map(
     return torch.outer(gauss(h), gauss(w)).to(device=device, dtype=dtype)
 
 
-def tile_weights(tiles: Sequence[Tile], method: str, *, var: float = 0.02) -> list[torch.Tensor]:
+def tile_weights(tiles: Sequence[Tile], method: FusionMethod, *, var: float = 0.02) -> list[torch.Tensor]:
     """CPU float32 weight maps parallel to `tiles`; tiles of equal shape share one tensor."""
     cache: dict[tuple[int, int], torch.Tensor] = {}
     out = []
     for t in tiles:
-        if (t.h, t.w) not in cache:
-            cache[(t.h, t.w)] = weight_map(t.h, t.w, method, var=var)
-        out.append(cache[(t.h, t.w)])
+        shape = (t.rect.h, t.rect.w)
+        if shape not in cache:
+            cache[shape] = weight_map(*shape, method, var=var)
+        out.append(cache[shape])
     return out
 
 
-def crop(x: torch.Tensor, tile: Tile) -> torch.Tensor:
-    """The tile's window of x [..., H, W] (a view, no copy)."""
-    ys, xs = tile.slices()
-    return x[..., ys, xs]
-
-
-def _check_inside(tiles: Sequence[Tile], height: int, width: int) -> None:
+def check_inside(tiles: Sequence[Tile], height: int, width: int) -> None:
     for t in tiles:
-        if t.y1 > height or t.x1 > width:
+        if not t.rect.inside(height, width):
             raise ValueError(f"tile {t} lies outside the {height}x{width} latent")
 
 
@@ -164,26 +146,26 @@ def fuse_with_coverage(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(fused [1, C, H, W] float32, weight sum [H, W] float32) of per-tile outputs [C, h, w].
 
-    fused = sum_i W_i * out_i / sum_i W_i per pixel (section 6.2), 0 where no tile has weight.
-    Accumulation runs in float32 in tile-index order on `device` (default: the outputs' device;
-    give it when the list may be empty, e.g. a step where no tile is active).
+    fused = sum_i W_i * out_i / sum_i W_i per pixel (MultiDiffusion's closed form), 0 where no tile has
+    weight. Accumulation runs in float32 in tile-index order on `device` (default: the outputs'
+    device; give it when the list may be empty, e.g. a step where no tile is active).
     """
     _, channels, height, width = shape
     if not (len(tiles) == len(outputs) == len(weights)):
         raise ValueError(f"got {len(tiles)} tiles, {len(outputs)} outputs and {len(weights)} weight maps")
-    _check_inside(tiles, height, width)
+    check_inside(tiles, height, width)
     if device is None:
         device = outputs[0].device if outputs else torch.device("cpu")
     acc = torch.zeros(1, channels, height, width, device=device, dtype=torch.float32)
     wsum = torch.zeros(height, width, device=device, dtype=torch.float32)
     for i in sorted(range(len(tiles)), key=lambda i: tiles[i].index):
-        t, out, w = tiles[i], outputs[i], weights[i]
-        if tuple(out.shape) != (channels, t.h, t.w) or tuple(w.shape) != (t.h, t.w):
+        r, out, w = tiles[i].rect, outputs[i], weights[i]
+        if tuple(out.shape) != (channels, r.h, r.w) or tuple(w.shape) != (r.h, r.w):
             raise ValueError(
-                f"tile {t.index}: output {tuple(out.shape)} and weights {tuple(w.shape)} "
-                f"do not match tile ({channels}, {t.h}, {t.w})"
+                f"tile {tiles[i].index}: output {tuple(out.shape)} and weights {tuple(w.shape)} "
+                f"do not match tile ({channels}, {r.h}, {r.w})"
             )
-        ys, xs = t.slices()
+        ys, xs = r.slices()
         w = w.to(device=device, dtype=torch.float32)
         acc[0, :, ys, xs] += out.to(device=device, dtype=torch.float32) * w
         wsum[ys, xs] += w
@@ -202,8 +184,8 @@ def fuse_views(
 ) -> torch.Tensor:
     """Weighted per-pixel average [1, C, H, W] of tile outputs, in the outputs' dtype.
 
-    require_coverage: raise if any pixel's weight sum is <= 1e-6 (section 6.3). Paths that leave
-    pixels uncovered on purpose (variable denoise) pass False and get 0 there.
+    require_coverage: raise if any pixel's weight sum is <= 1e-6. Paths that leave pixels
+    uncovered on purpose (per-tile start steps) pass False and get 0 there.
     """
     fused, wsum = fuse_with_coverage(shape, tiles, outputs, weights, device=device)
     if require_coverage:
@@ -216,24 +198,3 @@ def fuse_views(
             )
     dtype = outputs[0].dtype if outputs else torch.float32
     return fused.to(dtype)
-
-
-def tile_border_mask(height: int, width: int, tiles: Sequence[Tile]) -> torch.Tensor:
-    """Boolean [H, W]: pixels on a tile's outermost row or column, except where it lies on the latent border.
-
-    Both sides of a seam are marked (the last column of one tile and the first of the next), which
-    is what a seam metric comparing across the seam needs.
-    """
-    _check_inside(tiles, height, width)
-    mask = torch.zeros(height, width, dtype=torch.bool)
-    for t in tiles:
-        ys, xs = t.slices()
-        if t.y0 > 0:
-            mask[t.y0, xs] = True
-        if t.y1 < height:
-            mask[t.y1 - 1, xs] = True
-        if t.x0 > 0:
-            mask[ys, t.x0] = True
-        if t.x1 < width:
-            mask[ys, t.x1 - 1] = True
-    return mask

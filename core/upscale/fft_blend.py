@@ -1,14 +1,17 @@
 """Dilated refinement blend: low frequencies from a downscaled pass, high ones from the base.
 
-Algorithms.md §4.3 (ttulttul/ComfyUI-FlowMatching-Upscaler, MIT; reimplemented from the
-formulas). The refinement pass itself (area down by f -> re-noise with the dilated denoise d and
-seed -> sample -> bicubic up) is orchestrated by the upscale task with the sampler; this module
-holds the pure pieces: its geometry (`refinement_plan`), the area downscale and the Gaussian
-low-pass FFT blend.
+The FlowMatching-Upscaler's dilated refinement (ttulttul/ComfyUI-FlowMatching-Upscaler, MIT;
+reimplemented from its description in docs/upscale.md). The refinement pass itself (area down by
+f -> re-noise to the strength d -> sample -> bicubic up) is run by the upscale task with the
+sampler; this module holds the pure pieces: its geometry and step count (`refinement_plan`), the
+area downscale and the Gaussian low-pass FFT blend.
 
 Decisions:
+- The pass runs K = max(1, steps // 2) steps of a phase of `steps` (its FULL schedule) at strength
+  d, read as ComfyUI's sampler reads (steps, denoise): the last K steps of a floor(K / d)-step
+  schedule. So it starts at the sigma a d-strength pass starts at and never at sigma = 1 for d < 1.
 - The pass is skipped (identity) when b = 0, f <= 1, H/f < 4 or W/f < 4, on the unrounded
-  H/f as §4.3 states (upstream tests the rounded low size, i.e. H/f < 3.5).
+  H/f (upstream tests the rounded low size, i.e. H/f < 3.5).
 - The mask uses upstream's centred coordinates u = j - W/2, v = i - H/2 (float W/2), so for odd
   sizes the mask centre sits half a bin off the DC bin, as upstream.
 - A 5-D latent with T = 1 is squeezed and restored once (upstream unsqueezes twice there, which
@@ -18,10 +21,12 @@ Decisions:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from core.flow.schedules import img2img_schedule_steps
 
 BlendPath = Literal["identity", "y_up", "fft", "lerp"]
 MIN_LOW_SIDE = 4  # latent pixels; below this the downscaled pass carries no useful structure
@@ -32,21 +37,32 @@ def refinement_applies(height: int, width: int, *, factor: float, blend: float) 
     return blend > 0.0 and factor > 1.0 and height / factor >= MIN_LOW_SIDE and width / factor >= MIN_LOW_SIDE
 
 
+class RefinementPlan(NamedTuple):
+    """The downscaled pass: its latent size, the K steps it runs and the schedule they end."""
+
+    low: tuple[int, int]
+    steps: int
+    schedule_steps: int
+
+
 def refinement_plan(
-    height: int, width: int, *, factor: float, steps: int, min_steps: int, denoise: float
-) -> tuple[int, int, int]:
-    """(low_h, low_w, low_steps) of the downscaled pass: round(H/f), round(W/f) (>= 1) and
-    max(min_steps, steps // 2). denoise is the pass's img2img strength d, validated here; the
-    sampler turns (low_steps, d) into its schedule.
+    height: int, width: int, *, factor: float, steps: int, denoise: float, align: int = 1
+) -> RefinementPlan:
+    """The refinement pass of a phase of `steps` (full schedule) on a height x width latent.
+
+    low = (round(H/f), round(W/f)) rounded down to a multiple of `align` (at least align); K =
+    max(1, steps // 2); schedule_steps = floor(K / d), whose img2img tail at d is K steps long
+    (core.flow.schedules.img2img_schedule_steps).
     """
     if factor <= 0:
-        raise ValueError(f"dilated.factor must be > 0, got {factor}")
-    if steps < 1 or min_steps < 1:
-        raise ValueError(f"steps and min_steps must be >= 1, got steps={steps}, min_steps={min_steps}")
+        raise ValueError(f"fft_factor must be > 0, got {factor}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 < denoise <= 1.0:
-        raise ValueError(f"dilated.denoise must be in (0, 1], got {denoise}")
-    low_h, low_w = _low_size(height, width, factor)
-    return low_h, low_w, max(min_steps, steps // 2)
+        raise ValueError(f"fft_denoise must be in (0, 1], got {denoise}")
+    low_h, low_w = (max(align, v // align * align) for v in _low_size(height, width, factor))
+    run = max(1, steps // 2)
+    return RefinementPlan((low_h, low_w), run, img2img_schedule_steps(run, denoise))
 
 
 def area_downscale(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -83,7 +99,7 @@ def lowpass_mask(
 def fft_lowpass_blend(
     x: torch.Tensor, y_up: torch.Tensor, *, factor: float, blend: float
 ) -> tuple[torch.Tensor, BlendPath]:
-    """Blend y_up's low frequencies into x: (out, path) with out in x's dtype (§4.3).
+    """Blend y_up's low frequencies into x: (out, path) with out in x's dtype.
 
     out = Re(ifft2(ifftshift(X (1 - b M) + Y b M))), X, Y = fftshift(fft2(.)) of x and y_up in
     float32, M = `lowpass_mask(H, W, f)`. Paths: "identity" (see `refinement_applies`), "y_up"

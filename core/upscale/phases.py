@@ -1,16 +1,15 @@
-"""The progressive phase plan: sizes after each phase's resize, and per-phase seeds.
+"""The progressive phase plan: sizes after each phase's resize, and per-phase seeds (docs/upscale.md).
 
-Two forms (algorithms.md §4.1, §4.4, §12):
-- `plan_phase_sizes` [ours]: any target size and aspect ratio. Each axis scales geometrically by
-  (target / src)^(1/S) per phase; intermediate sizes round half up to a multiple of `align`; the
-  last phase is the target rounded UP to `align`, so the final size never drifts below the target
-  (the task resizes the decoded image to the exact target when `needs_final_resize` says so).
-- `upscaler_stage_sizes` [parity]: the FlowMatching-Upscaler's per-stage scale s = total^(1/S)
-  applied to the current size, round() then up to even, so the final size drifts from
-  base x total as upstream does.
+`plan_phase_sizes` takes any target size and aspect ratio. Each axis scales geometrically by
+(target / src)^(1/S) per phase; intermediate sizes round half up to a multiple of `align`; the last
+phase is the target rounded UP to `align`, so the final size never drifts below the target (the
+task resizes the decoded image to the exact target when `needs_final_resize` says so). The
+FlowMatching-Upscaler instead scales the current size by total^(1/S) per stage and rounds to even,
+so its final size drifts from base x total; that form is not offered.
 
 Seeds follow the Upscaler's golden-ratio stride (`core.flow.seeds.stage_seed`): phase i gets
-stage_seed(seed, i), the clean-up phase the next one, and next_seed the one after the last used.
+stage_seed(seed, i), the clean-up phase the next one, and next_seed (recorded in job.json, for a
+job chained after this one) the one after the last used.
 
 Decisions: a target smaller than the source on either axis is an error (this is an upscaler; a
 downscale is a plain resize); a target equal to the source is allowed and plans one phase (a
@@ -89,38 +88,15 @@ def needs_final_resize(target: tuple[int, int], last: tuple[int, int]) -> bool:
     return (int(last[0]), int(last[1])) != (int(target[0]), int(target[1]))
 
 
-def upscaler_stage_sizes(h: int, w: int, total_scale: float, stages: int) -> list[PhaseSize]:
-    """FlowMatching-Upscaler stage sizes [parity] (§4.1): per stage H' = even_up(round(H s)), s = total^(1/S).
-
-    Each stage scales the previous stage's size, so rounding drifts. round() is Python's (half to
-    even), as upstream; even_up rounds up to a multiple of 2 with a minimum of 2. A stage whose size
-    is unchanged skips its resize upstream; it is still listed here.
-    """
-    if h < 1 or w < 1:
-        raise ValueError(f"size must be >= 1, got {h}x{w}")
-    if not total_scale > 0:
-        raise ValueError(f"total_scale must be > 0, got {total_scale}")
-    if stages < 1:
-        raise ValueError(f"stages must be >= 1, got {stages}")
-    s = total_scale ** (1.0 / stages)
-    sizes = []
-    for _ in range(stages):
-        if s != 1.0:  # upstream returns the latent untouched at scale 1, unaligned
-            h = _ceil_to(max(1, round(h * s)), 2)
-            w = _ceil_to(max(1, round(w * s)), 2)
-        sizes.append(PhaseSize(h, w))
-    return sizes
-
-
 def phase_seeds(seed: int, phases: int) -> list[int]:
-    """Per-phase seeds on the golden stride: stage_seed(seed, i) for i = 0..phases-1 (§4.1)."""
+    """Per-phase seeds on the golden stride: stage_seed(seed, i) for i = 0..phases-1."""
     if phases < 1:
         raise ValueError(f"phases must be >= 1, got {phases}")
     return [stage_seed(seed, i) for i in range(phases)]
 
 
 def cleanup_seed(seed: int, phases: int) -> int:
-    """The clean-up phase's seed: the next on the stride after the last phase (§4.4)."""
+    """The clean-up phase's seed: the next on the stride after the last phase."""
     return stage_seed(seed, phases)
 
 

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from core.flow.seeds import cpu_generator, derive_seed
 
-METHODS = ("bicubic", "bilinear", "lanczos", "area", "nearest")
+ResizeMethod = Literal["bicubic", "bilinear", "lanczos", "area", "nearest"]
+METHODS: tuple[ResizeMethod, ...] = ("bicubic", "bilinear", "lanczos", "area", "nearest")
 LANCZOS_A = 3
 LANCZOS_CHANNELS = (1, 3, 4)  # upstream lanczos goes through PIL, which takes only these
 
@@ -107,10 +109,16 @@ def resize_latent(
 ) -> tuple[torch.Tensor, str]:
     """Resize latents [B, C, h, w] to size; returns (latent, method used).
 
-    lanczos on C not in {1, 3, 4} falls back to bicubic, as upstream (§4.1); the caller records it.
+    lanczos on C not in {1, 3, 4} falls back to bicubic, as upstream; the caller records it.
     """
-    used = "bicubic" if method == "lanczos" and z.shape[1] not in LANCZOS_CHANNELS else method
+    used = latent_method(method, z.shape[1])
     return _resample(z, size, used).to(z.dtype), used
+
+
+def latent_method(method: str, channels: int) -> str:
+    """The kernel a latent resize of `channels` channels uses: lanczos only on 1, 3 or 4 channels
+    (upstream resizes through PIL, which takes only those), else bicubic."""
+    return "bicubic" if method == "lanczos" and channels not in LANCZOS_CHANNELS else method
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

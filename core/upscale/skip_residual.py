@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-SCHEDULE_KINDS = ("cosine", "linear", "logistic")
-BLEND_KINDS = ("addition", "slerp", "norm_only")
+ScheduleKind = Literal["cosine", "linear", "logistic"]
+SCHEDULE_KINDS: tuple[ScheduleKind, ...] = ("cosine", "linear", "logistic")
+BlendKind = Literal["addition", "slerp", "norm_only"]
+BLEND_KINDS: tuple[BlendKind, ...] = ("addition", "slerp", "norm_only")
 SLERP_MIN_SIN = 1e-3  # below this sin(omega), slerp falls back to lerp (the Inverter's guard)
 ZERO_EPS = 1e-12  # norms at or below this count as zero vectors
 
@@ -127,30 +130,6 @@ def linear_values(start: float, end: float, n: int) -> list[float]:
     return [start + i * (end - start) / (n - 1) for i in range(n)]
 
 
-def parse_overrides(text: str, n: int, *, field: str) -> list[float]:
-    """A comma list of n per-phase values (§4.1): one value is broadcast; each is clamped to [0, 1].
-
-    Empty items are skipped (as upstream). No values, a non-number, a non-finite value or a count
-    other than 1 or n raise a ValueError naming `field` and the text.
-    """
-    if n < 1:
-        raise ValueError(f"{field}: n must be >= 1, got {n}")
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not parts:
-        raise ValueError(f"{field} must list 1 or {n} values, got no values in {text!r}")
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"{field} must be a comma list of numbers, got {text!r}") from None
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{field} values must be finite, got {text!r}")
-    if len(values) == 1:
-        values = values * n
-    if len(values) != n:
-        raise ValueError(f"{field} must list 1 or {n} values, got {len(values)} in {text!r}")
-    return [min(1.0, max(0.0, v)) for v in values]
-
-
 def _per_item(t: torch.Tensor, b: int) -> torch.Tensor:
     return t.reshape(b, -1).float()  # [B, N] fp32
 
@@ -207,14 +186,14 @@ class SkipResidual:
     phase_start, phase_end: the reference strength of the first and the last phase, geometric between.
     """
 
-    kind: str = "cosine"
+    kind: str = "cosine"  # SCHEDULE_KINDS
     alpha1: float = 2.4
     start: float = 0.0
     stop: float = 1.0
     clamp: float = 1.0
     blend_min: float = 0.0
     blend_max: float = 1.0
-    blend: str = "addition"
+    blend: str = "addition"  # BLEND_KINDS
     phase_start: float = 0.8
     phase_end: float = 0.05
 
