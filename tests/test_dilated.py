@@ -1,4 +1,4 @@
-"""core/tiling/dilated.py: DemoFusion's dilated global views (algorithms.md §3.2, §3.4)."""
+"""core/tiling/dilated.py: DemoFusion's dilated global views (arXiv 2311.16973)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""core/upscale/fft_blend.py: Gaussian low-pass FFT blend, area downscale, refinement plan (§4.3)."""
+"""core/upscale/fft_blend.py: Gaussian low-pass FFT blend, area downscale, refinement plan."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Phase plans and per-phase seeds (algorithms.md §4.1, §4.4, §12)."""
+"""Phase plans and per-phase seeds (docs/upscale.md, "Phases")."""
 
 import math
 

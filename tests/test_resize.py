@@ -1,4 +1,4 @@
-"""Image, latent and mask resizing, and the covariance-aware latent upscale (algorithms.md §4.1, §4.5)."""
+"""Image, latent and mask resizing, and the covariance-aware latent upscale (docs/upscale.md, "Resize")."""
 
 import math
 
@@ -154,7 +154,7 @@ def test_resize_mask():
     assert up[0, 0, 8, 3].item() == pytest.approx(0.25) and up[0, 0, 8, 4].item() == pytest.approx(0.75)
 
 
-# --- covariance-aware upscale (§4.5) ---------------------------------------------------------------
+# --- covariance-aware upscale --------------------------------------------------------------------
 
 
 def correlated_latent(seed: int = 0, batch: int = 2, c: int = 4, hw: int = 32) -> torch.Tensor:

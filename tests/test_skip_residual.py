@@ -1,4 +1,4 @@
-"""Skip-residual schedules, strengths, overrides, blends and rewind (algorithms.md §4.1, §5)."""
+"""Skip-residual schedules, strengths, blends and rewind (docs/upscale.md, "Skip residual and rewind")."""
 
 import math
 
@@ -27,7 +27,7 @@ def close(a, b, tol=1e-12):
         assert abs(x - y) <= tol, (a, b)
 
 
-# --- step schedules (§5.1) -------------------------------------------------------------------------
+# --- step schedules ------------------------------------------------------------------------------
 
 
 def test_cosine_schedule_hand_derived():
@@ -105,7 +105,7 @@ def test_schedule_validation(kwargs, word):
         step_schedule(args.pop("kind"), args.pop("steps"), **args)
 
 
-# --- per-phase values (§4.1) -----------------------------------------------------------------------
+# --- per-phase values ----------------------------------------------------------------------------
 
 
 def test_phase_strengths_geometric_with_exact_endpoints():

@@ -38,7 +38,7 @@ def step_velocity(plan, x, sigma=0.7, step=0):
 
 
 def sample(plan, x, sigmas, *, start=0, pin=None):
-    """Tiny Euler loop over sigmas[start:]; pin(k) -> z_ref at sigma_{k+1} turns on pinning (section 7.4b)."""
+    """Tiny Euler loop over sigmas[start:]; pin(k) -> z_ref at sigma_{k+1} turns on per-tile pinning."""
     for k in range(start, len(sigmas) - 1):
         x = euler_step(x, step_velocity(plan, x, sigmas[k], k), sigmas[k], sigmas[k + 1])
         if pin is not None:

@@ -80,7 +80,7 @@ def test_mixture_weights_golden():
 
 def test_coverage_assertion_var():
     # One 128x128 Gaussian tile: var 0.02 keeps the corner weight above 1e-6 (about 3.6e-5),
-    # var 0.01 drops it to about 3e-10, which the coverage check must reject (section 6.3).
+    # var 0.01 drops it to about 3e-10, which the coverage check must reject.
     tile = [Tile(Rect(0, 0, 128, 128), 0)]
     out = [torch.ones(1, 128, 128)]
     fuse_views((1, 1, 128, 128), tile, out, [weight_map(128, 128, "mixture", var=0.02)])

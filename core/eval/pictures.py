@@ -15,7 +15,7 @@ Decisions:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +104,38 @@ def bar_chart(
     draw.line((left, zero, right, zero), fill=AXIS_RGB)
     draw.line((left - 1, top, left - 1, bottom), fill=AXIS_RGB)
 
+    _annotate(
+        draw,
+        lo=lo,
+        hi=hi,
+        row=row,
+        left=left,
+        bottom=bottom,
+        width=width,
+        slot=slot,
+        title=title,
+        labels=labels,
+    )
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _annotate(
+    draw: ImageDraw.ImageDraw,
+    *,
+    lo: float,
+    hi: float,
+    row: Callable[[float], int],
+    left: int,
+    bottom: int,
+    width: int,
+    slot: float,
+    title: str,
+    labels: Sequence[str] | None,
+) -> None:
+    """A bar chart's text: the value axis (0, and its ends where they clear the 0), the title centred
+    on top, and tick labels under every k-th bar (the smallest k at which they do not overlap)."""
+    _, line_h = _text_size(draw, "0")
+    zero = row(0.0)
     font = _font()
     # Annotate 0, and the axis ends unless they would overlap the "0".
     for v in [0.0] + [u for u in (lo, hi) if abs(row(u) - zero) >= line_h]:
@@ -116,13 +148,12 @@ def bar_chart(
     if labels is not None:
         widest = max(_text_size(draw, str(s))[0] for s in labels) + TEXT_PAD
         step = max(1, math.ceil(widest / slot))
-        for i in range(0, n, step):
+        for i in range(0, len(labels), step):
             tw, _ = _text_size(draw, str(labels[i]))
             xc = left + (i + 0.5) * slot
             draw.text(
                 (round(xc - tw / 2), bottom + line_h // 2 + TEXT_PAD), str(labels[i]), fill=INK, font=font
             )
-    return np.asarray(img, dtype=np.uint8).copy()
 
 
 @dataclass(frozen=True, kw_only=True)

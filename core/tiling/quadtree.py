@@ -78,6 +78,39 @@ def _halves(w: int, h: int, min_tile: int, align: int) -> tuple[int, int] | None
     return hw, hh
 
 
+def _settings(
+    image: torch.Tensor,
+    criterion: str,
+    threshold: float | None,
+    min_tile: int | None,
+    max_depth: int | None,
+    max_tile: int | None,
+    align: int,
+    color_weight: float,
+    gradient_weight: float,
+) -> tuple[float, int, int | None]:
+    """(threshold, min_tile, max_depth) with None replaced by the criterion's defaults, all checked."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"quadtree.criterion must be one of {CRITERIA}, got {criterion!r}")
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be [3, H, W], got {tuple(image.shape)}")
+    default_threshold, default_min, default_depth = _DEFAULTS[criterion]
+    threshold = default_threshold if threshold is None else threshold
+    min_tile = default_min if min_tile is None else min_tile
+    max_depth = default_depth if max_depth is None else max_depth
+    if align < 1:
+        raise ValueError(f"quadtree.align must be >= 1, got {align}")
+    if min_tile < 0:
+        raise ValueError(f"quadtree.min_tile must be >= 0, got {min_tile}")
+    if max_tile is not None and max_tile < 2 * align:
+        raise ValueError(f"quadtree.max_tile must be >= 2 x align = {2 * align}, got {max_tile}")
+    if color_weight < 0 or gradient_weight < 0 or color_weight + gradient_weight <= 0:
+        raise ValueError(
+            f"legacy weights must be >= 0 with a positive sum, got {color_weight}, {gradient_weight}"
+        )
+    return threshold, min_tile, max_depth
+
+
 def build_quadtree(
     image: torch.Tensor,
     *,
@@ -100,24 +133,9 @@ def build_quadtree(
     no depth cap); legacy (0.03, 256 px, depth 4). A node wider or taller than max_tile (None: no
     cap) splits regardless of its score and depth, into halves of at least `align`.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"quadtree.criterion must be one of {CRITERIA}, got {criterion!r}")
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"image must be [3, H, W], got {tuple(image.shape)}")
-    default_threshold, default_min, default_depth = _DEFAULTS[criterion]
-    threshold = default_threshold if threshold is None else threshold
-    min_tile = default_min if min_tile is None else min_tile
-    max_depth = default_depth if max_depth is None else max_depth
-    if align < 1:
-        raise ValueError(f"quadtree.align must be >= 1, got {align}")
-    if min_tile < 0:
-        raise ValueError(f"quadtree.min_tile must be >= 0, got {min_tile}")
-    if max_tile is not None and max_tile < 2 * align:
-        raise ValueError(f"quadtree.max_tile must be >= 2 x align = {2 * align}, got {max_tile}")
-    if color_weight < 0 or gradient_weight < 0 or color_weight + gradient_weight <= 0:
-        raise ValueError(
-            f"legacy weights must be >= 0 with a positive sum, got {color_weight}, {gradient_weight}"
-        )
+    threshold, min_tile, max_depth = _settings(
+        image, criterion, threshold, min_tile, max_depth, max_tile, align, color_weight, gradient_weight
+    )
     root_w, root_h = image.shape[-1] // align * align, image.shape[-2] // align * align
     if root_w == 0 or root_h == 0:
         raise ValueError(f"image {tuple(image.shape[-2:])} is smaller than align={align}")

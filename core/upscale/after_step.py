@@ -1,13 +1,14 @@
 """One phase of tiled denoising, composed from plans around an injected `evaluate`.
 
-    v(x, sigma, k) = (1 - c2) * local.fuse(...) + c2 * global.fuse(...)     (DemoFusion §3.2)
-    after step k:  x <- skip-residual mix with z'_{k+1}  (§5.4, at the same sigma)
-                   x <- A_k * x + (1 - A_k) * z'_{k+1}   (exact per-tile denoise pinning, §7.4b)
+    v(x, sigma, k) = (1 - c2) * local.fuse(...) + c2 * global.fuse(...)     (DemoFusion, arXiv 2311.16973)
+    after step k:  x <- skip-residual mix with z'_{k+1}  (at the same sigma)
+                   x <- A_k * x + (1 - A_k) * z'_{k+1}   (exact per-tile denoise pinning)
                    x <- m * x + (1 - m) * z'_{k+1}        (inpaint mask: outside follows the reference)
 
 z'_sigma = (1 - sigma) u + sigma eps is the noise-inverted reference of the phase: u is the resized
-input latent and eps the phase's one noise tensor (§2.1). All views of a step (local tiles and global
-sub-lattices) go to `evaluate` in ONE call, so one step is one barrier across the pool.
+input latent and eps the phase's one noise tensor (docs/upscale.md). All views of a step (local
+tiles and global sub-lattices) go to `evaluate` in ONE call, so one step is one barrier across the
+pool.
 
 Step indices are positions in the phase's FULL schedule (an img2img pass that starts at index s sees
 steps s..N-1), so per-tile start steps and Spot shifts mean the same in every pass.

@@ -14,9 +14,10 @@ Decisions:
 - Images are clamped to [0, 1] after bicubic and lanczos (their kernels overshoot); latents never.
 - Neither bicubic (a = -0.75) nor Lanczos-3 reproduces a linear ramp exactly: both carry a small
   first-moment bias that alternates in sign at x2 (tests pin it).
-- covariance_upscale (§4.5) fixes each eigenvector's sign (largest-magnitude entry positive) so
-  that equal covariances give equal bases; upstream leaves eigh's signs, which can flip channels
-  in the moment-match step. Pixel subsampling draws without replacement (upstream: with).
+- covariance_upscale (docs/upscale.md, "Resize") fixes each eigenvector's sign (largest-magnitude
+  entry positive) so that equal covariances give equal bases; upstream leaves eigh's signs, which
+  can flip channels in the moment-match step. Pixel subsampling draws without replacement
+  (upstream: with).
 """
 
 from __future__ import annotations
@@ -139,7 +140,9 @@ def latent_moments(
     epsilon: float = 1e-5,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean [B', C] and shrunk, jittered covariance [B', C, C] over pixels (§4.5 steps 1-2).
+    """Per-channel mean [B', C] and shrunk, jittered covariance [B', C, C] over pixels.
+
+    The first two steps of `covariance_upscale`.
 
     B' = B per item, or 1 pooled over the batch. Covariance is unbiased (N - 1), then
     Sigma <- (1 - a) Sigma + a diag(Sigma) + epsilon I. sample_pixels > 0 estimates on that many
@@ -192,7 +195,7 @@ def covariance_upscale(
     seed: int = 0,
     stats_latent: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Whiten, resize, recolour, then optionally moment-match (algorithms.md §4.5, LatentUpscaleAdvanced).
+    """Whiten, resize, recolour, then optionally moment-match (the Upscaler's LatentUpscaleAdvanced).
 
     Stats (mu, Sigma = U Lambda U^T) come from `stats_latent` (default z). y = Lambda^-1/2 U^T (z - mu)
     is resized with `method` (lanczos falls back as in resize_latent) and recoloured,
@@ -243,8 +246,9 @@ def covariance_upscale(
 
 @dataclass(frozen=True, kw_only=True)
 class CovarianceResize:
-    """The parameters of `covariance_upscale` a user chooses (§4.5): moment matching after the
-    recolour, the covariance shrinkage a, and how many pixels estimate the statistics (0 = all)."""
+    """The parameters of `covariance_upscale` a user chooses (docs/upscale.md, "Resize"): moment
+    matching after the recolour, the covariance shrinkage a, and how many pixels estimate the
+    statistics (0 = all)."""
 
     moment_match: bool = True
     shrinkage: float = 0.05

@@ -1,11 +1,12 @@
 """Skip residuals: mixing the sampler trajectory with the noise-inverted reference.
 
 DemoFusion's skip residual (arXiv 2311.16973), as the Iterative Mixer runs it per step
-(algorithms.md §5) and as the FlowMatching-Upscaler runs it once per stage (§4.1, §4.2 step 4).
+(ttulttul/ComfyUI-Iterative-Mixer) and as the FlowMatching-Upscaler runs it once per stage
+(docs/upscale.md, "Skip residual and rewind").
 
-The reference at flow time sigma is z'_sigma = (1 - sigma) x_ref + sigma eps (flow-correct, §5.3;
+The reference at flow time sigma is z'_sigma = (1 - sigma) x_ref + sigma eps (flow-correct;
 `core.flow.schedules.noise_to`). After the sampler steps to sigma_{k+1} it is mixed with z'_{k+1}, the
-reference at the SAME sigma (§5.4 [correct]; upstream's off-by-one mixes z'_k).
+reference at the SAME sigma (the Mixer's off-by-one mixes z'_k).
 
 Conventions:
 - c1[k] (`step_schedule`) is the weight on the denoised trajectory at mix k; it rises 0 -> 1.
@@ -15,7 +16,7 @@ Conventions:
 Composition across phases [ours]: the reference weight at mix k of phase p is
     w[p, k] = s_p * (1 - c1[k]),
 where s_p = `phase_strengths(phase_start, phase_end, phases)[p]` is the geometric per-phase strength
-of §4.1 (0.8 -> 0.05) and c1 the per-step schedule of §5.1. The first mix of the first phase gives
+of the Upscaler (0.8 -> 0.05) and c1 the Mixer's per-step schedule. The first mix of the first phase gives
 the reference s_0 (0.8 by default); the weight then decays with c1 inside the phase, and later
 phases start lower.
 
@@ -55,7 +56,7 @@ def step_schedule(
     blend_min: float = 0.0,
     blend_max: float = 1.0,
 ) -> list[float]:
-    """c1[k], k = 0..steps-1: the weight on the denoised trajectory at each mix (algorithms.md §5.1).
+    """c1[k], k = 0..steps-1: the weight on the denoised trajectory at each mix (the Mixer's schedules).
 
     start/stop/clamp are fractions of `steps`, mapped to indices by floor(fraction * steps).
     - cosine: (0.5 (1 - cos(pi k / S')))^alpha1 for k <= S' (S' = the stop step), 1 after; start ignored.
@@ -103,7 +104,7 @@ def step_schedule(
 
 
 def phase_strengths(start: float, end: float, phases: int) -> list[float]:
-    """Geometric per-phase skip strengths with exact endpoints (algorithms.md §4.1).
+    """Geometric per-phase skip strengths with exact endpoints (the FlowMatching-Upscaler's).
 
     r = (end / start)^(1 / (S - 1)) with a zero endpoint replaced by 1e-6; w_i = start r^i, then
     w_0 = start and w_{S-1} = end exactly. S = 1 gives [start]. Example S = 3: [0.8, 0.2, 0.05].
@@ -122,7 +123,7 @@ def phase_strengths(start: float, end: float, phases: int) -> list[float]:
 
 
 def linear_values(start: float, end: float, n: int) -> list[float]:
-    """n values from start to end inclusive (the per-stage renoise schedule, §4.1); n = 1 gives [start]."""
+    """n values from start to end inclusive (the Upscaler's per-stage renoise); n = 1 gives [start]."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if n == 1:
@@ -135,7 +136,7 @@ def _per_item(t: torch.Tensor, b: int) -> torch.Tensor:
 
 
 def blend(kind: str, z_ref: torch.Tensor, x: torch.Tensor, c: float) -> torch.Tensor:
-    """f(z', x, c) with c the weight on x, the trajectory (algorithms.md §5.2). Result in x's dtype.
+    """f(z', x, c) with c the weight on x, the trajectory (the Mixer's blends). Result in x's dtype.
 
     - addition: (1 - c) z' + c x.
     - slerp: per batch item on flattened vectors, omega = arccos(<z'/|z'|, x/|x|>), then
@@ -179,7 +180,7 @@ def mix_with_reference(x: torch.Tensor, z_ref: torch.Tensor, weight: float, blen
 
 @dataclass(frozen=True, kw_only=True)
 class SkipResidual:
-    """Per-step skip residual: schedule (§5.1), blend (§5.2) and the geometric per-phase strength (§4.1).
+    """Per-step skip residual: schedule, blend and the geometric per-phase strength.
 
     kind, alpha1, start, stop, clamp, blend_min, blend_max: the per-step c1 schedule (`step_schedule`).
     blend: how the trajectory and the reference are mixed.
@@ -235,7 +236,7 @@ def reference_weights(cfg: SkipResidual, steps: int, phase: int, phases: int) ->
 
 
 def rewind_ranges(steps: int, rewind_min: float, rewind_max: float) -> list[tuple[int, int]]:
-    """Step ranges of the Iterative Mixer's rewind (algorithms.md §5.5), as (start, steps) pairs.
+    """Step ranges of the Iterative Mixer's rewind, as (start, steps) pairs.
 
     The first is (0, steps); then start <- start + floor((steps - start) rewind_min) while
     start <= floor(steps rewind_max). Stops when start no longer advances or reaches steps.
@@ -256,7 +257,7 @@ def rewind_ranges(steps: int, rewind_min: float, rewind_max: float) -> list[tupl
 
 
 def stage_skip(y: torch.Tensor, u: torch.Tensor, w: float) -> torch.Tensor:
-    """The Upscaler's post-sampler skip (§4.2 step 4) [parity]: (1 - w) y + w u, u the pre-noise upscale."""
+    """The Upscaler's post-sampler skip [comfy_compat]: (1 - w) y + w u, u the pre-noise upscale."""
     if y.shape != u.shape:
         raise ValueError(f"stage_skip needs equal shapes, got y {tuple(y.shape)} and u {tuple(u.shape)}")
     _check_unit("stage skip weight", w)
