@@ -101,7 +101,9 @@ def renoise(u: torch.Tensor, phase: PhaseSpec) -> tuple[torch.Tensor, Reference]
     return noise_to(noise_to(u, eps, phase.renoise), eps, sigma), reference
 
 
-def refine_blend(x: torch.Tensor, y_up: torch.Tensor, refine: Refinement, mask: torch.Tensor | None):
+def refine_blend(
+    x: torch.Tensor, y_up: torch.Tensor, refine: Refinement, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, str]:
     """FFT low-pass blend of the refinement into x; outside the mask x stays as it is (on its reference)."""
     out, path = fft_lowpass_blend(x, y_up, factor=refine.factor, blend=refine.blend)
     return (out if mask is None else pin_to_reference(out, mask, x)), path
