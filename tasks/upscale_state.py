@@ -1,4 +1,4 @@
-"""What an upscale job keeps across a restart: a typed state (core.state.Stateful).
+"""What an upscale job keeps across a restart: a typed state (core.state.Stateful, docs/state.md).
 
 The state is the latent after the last finished phase, which phase comes next, how many views
 each finished phase ran (so a resumed job's record is whole), and the fingerprint of the settings
