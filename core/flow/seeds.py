@@ -1,4 +1,4 @@
-"""Deterministic seeds and noise (algorithms.md section 12).
+"""Deterministic seeds and noise (docs/upscale.md, "Phases": seeds).
 
 Every random draw is keyed by (job seed, purpose, phase, step, ...) and made on a CPU generator in
 float32 at the full shape it is used at, then moved to the target device and dtype. Nothing
