@@ -2,7 +2,8 @@
 
 The 124 training PNGs are 82 MB; as JPEG quality 95 with 4:4:4 chroma (no subsampling, no resizing)
 they are 28 MiB, and the compression error (40-52 dB PSNR, mean 46.8 dB over every tenth file,
-measured once) sits far below what the TAEF2 latent keeps (28.6 dB round trip, assets.md §4.4).
+measured once) sits far below what the TAEF2 latent keeps (28.6 dB round trip on butterfly,
+tests/test_taef2.py).
 The eval PNGs are copied byte for byte, so validation sees exactly the shared eval set.
 
     python bench/pack_training_images.py [--src /work/shared/assets/images] [--dst .carry/images]

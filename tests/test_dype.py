@@ -1,4 +1,4 @@
-"""core/rope/dype.py: YaRN/NTK frequencies, DyPE v1/v2 modulation (algorithms.md §8) and the tables."""
+"""core/rope/dype.py: YaRN/NTK frequencies, DyPE v1/v2 modulation (arXiv 2510.20766) and the tables."""
 
 import math
 

@@ -1,7 +1,7 @@
 """The rectified-flow training objective: logit-normal times, the velocity loss, a fixed validation set.
 
 Rectified flow (Liu, Gong and Liu 2022, arXiv 2209.03003) with the flow-matching conventions of
-algorithms.md §1: x_t = (1 - t) x0 + t eps and the target velocity v = eps - x0; the loss is
+core/flow/schedules.py: x_t = (1 - t) x0 + t eps and the target velocity v = eps - x0; the loss is
 mean ||v_theta(x_t, t) - (eps - x0)||^2 over every element. Training times are logit-normal
 (Esser et al. 2024, SD3, arXiv 2403.03206 §3.1): t = sigmoid(m + s n), n ~ N(0, 1), so the median
 is sigmoid(m) = 1/2 for m = 0 and the middle times, where the velocity is hardest to predict, are

@@ -1,4 +1,5 @@
-"""Flux rotary position tables: three axes (text/index, row, col), theta 10 000 (algorithms.md §1).
+"""Flux rotary position tables: three axes (text/index, row, col), theta 10 000 (Su et al.
+2021, RoFormer, arXiv 2104.09864; the axes of Flux.1's `FluxPosEmbed`).
 
 A token with ids (p0, p1, p2) gets, on axis i with d_i dims, the angles p_i * f_k for the pair
 frequencies f_k = theta^(-2k/d_i), k = 0..d_i/2 - 1. cos and sin of the angles are repeated
@@ -65,7 +66,8 @@ def rope_tables(
 
     axis_freqs[i]: [d_i / 2] pair frequencies of axis i (float64 recommended, e.g.
     `base_frequencies`). mscale: one attention temperature per axis (or one for all), multiplied
-    into both cos and sin of that axis (YaRN/DyPE, algorithms.md §8.2).
+    into both cos and sin of that axis (YaRN, arXiv 2309.00071 §3.4;
+    DyPE, arXiv 2510.20766; core/rope/dype.py).
     """
     if ids.ndim != 2 or ids.shape[1] != len(axis_freqs):
         raise ValueError(f"ids must be [S, {len(axis_freqs)}] (one column per axis), got {tuple(ids.shape)}")
