@@ -110,6 +110,13 @@ def model_name(spec: ModelSpec) -> str:
     return f"{spec.kind}:{spec.path}" if spec.path else spec.kind
 
 
+def spec_difference(asked: ModelSpec, served: ModelSpec) -> str:
+    """ "model.seed=1 (served: 0)": the fields in which two specs differ (the whole spec is what a
+    worker loads, its prompt included: the conditioning is made from it)."""
+    fields = [f for f in asked.__dataclass_fields__ if getattr(asked, f) != getattr(served, f)]
+    return ", ".join(f"model.{f}={getattr(asked, f)!r} (served: {getattr(served, f)!r})" for f in fields)
+
+
 def total_demand(resources: WorkerResources, count: int) -> dict[str, float]:
     return {k: v * count for k, v in resources.demand().items()}
 

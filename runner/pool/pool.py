@@ -41,6 +41,7 @@ from runner.pool.placement import (
     model_name,
     plan_pool,
     shortfall,
+    spec_difference,
     total_demand,
     wait_placed,
 )
@@ -138,7 +139,13 @@ def connect_pool(
             f"{what}: {err.cause}; a pool serves one model at a time: run this job on another pool "
             "(pool.name=...) or after those jobs end"
         ) from None
-    reloaded = sorted({i["model_name"] for i in infos if i["model_name"] not in (None, model_name(spec))})
+    reloaded = sorted(
+        {
+            spec_difference(spec, ModelSpec(**i["model"]))
+            for i in infos
+            if i["model"] not in (None, spec.__dict__)
+        }
+    )
     facts.update(_action(plan, created, reloaded, facts.get("action")))
     facts.update(
         per_worker=plan.resources.as_dict(),

@@ -40,7 +40,7 @@ from core.vae.lockstep import TileGroup, TileInput, VaeRound
 from core.vae.tiled import Reply, VaeOp, move
 from runner.models import load_model, model_device
 from runner.pool.activity import Activity, watch
-from runner.pool.placement import WorkerResources, model_name
+from runner.pool.placement import WorkerResources, model_name, spec_difference
 from runner.pool.transport import WireTensor, from_wire, to_wire
 
 
@@ -197,7 +197,7 @@ class ModelWorker:
                 ages = ", ".join(f"{j} (last call {age:.0f} s ago)" for j, age in others.items())
                 raise PoolBusyError(
                     f"pool worker {self._name()} serves model {model_name(self.spec)} to active job(s) "
-                    f"{ages}; this job asks for model {model_name(spec)}"
+                    f"{ages}; this job asks for another: {spec_difference(spec, self.spec)}"
                 )
             self._load(spec)
         with self.activity.call(job):
