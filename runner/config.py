@@ -39,10 +39,10 @@ class PoolConfig:
       the out-of-memory fallback).
     idle_timeout_s: a worker that no job has called for this long releases itself (and its GPU, so
       an autoscaler can reclaim the node); 0 = never. A job silent this long counts as ended.
-    placement_timeout_s: how long a job waits for workers the cluster cannot place yet (an
-      autoscaler adding nodes, other pools releasing theirs), at the start and for a lost worker's
-      replacement; then it fails naming what is missing. On a local Ray started by the job, a pool
-      that does not fit fails at once.
+    placement_timeout_s: how long a job waits for workers to start (placed, their process up):
+      an autoscaler adding nodes, other pools releasing theirs; at the start and for a lost
+      worker's replacement; then it fails naming what is missing. On a local Ray started by the
+      job, a pool that does not fit in the free resources fails at once.
     """
 
     name: str = "tessera"

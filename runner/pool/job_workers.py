@@ -168,10 +168,10 @@ class JobWorkers:
     def settle(self, ref) -> None:
         """A recovery ref is ready: note the placement, or make the worker ready."""
         for slot in self.slots:
-            if ref is slot.placed_ref:
+            if slot.placed_ref is not None and ref == slot.placed_ref:
                 slot.placed_ref = None
                 return
-            if ref is slot.join_ref:
+            if slot.join_ref is not None and ref == slot.join_ref:
                 self._finish_join(slot, ref)
                 return
 
@@ -227,7 +227,8 @@ class JobWorkers:
             )
             if left is not None and left <= 0 and len(unplaced) == len(recovering):
                 raise WorkerLostError(self._timeout_message(unplaced))
-            wait = LOG_EVERY_S if left is None else max(0.05, min(LOG_EVERY_S, left))
+            # past the deadline with a replacement loading its model, that one is waited for
+            wait = LOG_EVERY_S if left is None or left <= 0 else min(LOG_EVERY_S, left)
             done, _ = ray.wait(self.pending_refs(), num_returns=1, timeout=wait)
             for ref in done:
                 self.settle(ref)
@@ -287,6 +288,11 @@ class JobWorkers:
         """End the job on its ready workers; stop replacements that were never placed (else they
         would hold the cluster's request, and an autoscaler's node, after the job). Returns notes."""
         self.ending = True
+        joining = [s.join_ref for s in self.slots if s.join_ref is not None and s.placed_ref is None]
+        if joining:  # started replacements still loading: let them finish, so the job ends on them too
+            done, _ = ray.wait(joining, num_returns=len(joining), timeout=LOG_EVERY_S)
+            for ref in done:
+                self.settle(ref)
         notes = []
         for slot in self.slots:
             if slot.placed_ref is not None:

@@ -130,6 +130,14 @@ def connect_pool(
     what = f"pool '{cfg.name}'"
     for note in plan.notes:
         log(f"{what}: {note}")
+    try:
+        return _connect(cfg, spec, plan, job, worker_cls, what, log)
+    except ActorDiedError as err:  # a worker found by name ended meanwhile (its idle timeout): again
+        log(f"{what}: a worker ended while connecting ({type(err).__name__}); connecting again")
+        return _connect(cfg, spec, plan, job, worker_cls, what, log)
+
+
+def _connect(cfg, spec, plan: PoolPlan, job: str, worker_cls: type, what: str, log) -> WorkerPool:
     existing, facts, freed = _reuse(cfg, plan, what, log)
     handles, infos, created = _create_missing(cfg, plan, existing, freed, worker_cls, what, log)
     try:
@@ -194,7 +202,8 @@ def _reuse(cfg: PoolConfig, plan: PoolPlan, what: str, log) -> tuple[dict[int, o
     stop_workers(cfg.name)
     freed: dict[str, float] = {}
     for info in infos:
-        for k, v in WorkerResources(**info["resources"]).demand().items() if info.get("resources") else ():
+        held = WorkerResources(**info["resources"]).demand() if info.get("resources") else {}
+        for k, v in held.items():
             freed[k] = freed.get(k, 0.0) + v
     return {}, {"action": "recreated", "reason": reason}, freed
 
