@@ -42,12 +42,19 @@ def end_job(pool) -> None:
     ray.get([w.end_job.remote(pool.job) for w in pool.workers])
 
 
-def test_pool_list_and_stop_through_the_cli(ray_cluster):
+def test_pool_warm_list_and_stop_through_the_cli(ray_cluster, tmp_path):
     at = {"RAY_ADDRESS": ray_cluster.address}
     busy = connect_pool(PoolConfig(name="listed", workers=1, idle_timeout_s=120, **LIGHT), TINY)
-    idle = connect_pool(PoolConfig(name="spare", workers=1, **LIGHT), TINY)
-    end_job(idle)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump({"task": "upscale", "output": str(tmp_path), "image": "unused.png", "scale": 2})
+        + "model: {kind: random, shape: tiny}\npool: {name: spare, workers: 1, gpus_per_worker: 0.5}\n"
+    )
     try:
+        warm = tessera("pool", "warm", str(job), "pool.cpus_per_worker=0.5", env=at)
+        assert warm.returncode == 0, warm.stderr
+        assert "pool 'spare': created (1 workers, 0.5 CPU, 0.5 GPU each" in warm.stdout
+        assert "pool 'spare' is warm: 1 workers, model loaded" in warm.stdout
         listing = tessera("pool", "list", env=at)
         assert listing.returncode == 0, listing.stderr
         header, *rows = listing.stdout.splitlines()
