@@ -93,18 +93,25 @@ def worker_names() -> dict[str, list[tuple[int, str]]]:
     return {name: sorted(ws) for name, ws in pools.items()}
 
 
+def pool_workers(pool: str, names: list[tuple[int, str]]) -> dict[tuple[int, str], object]:
+    """Handles of the model workers among `names` (other named actors of the namespace are not
+    pools, e.g. a node's replay store "replay-<node id>")."""
+    handles = {}
+    for index, name in names:
+        try:
+            handle = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:  # ended since it was listed
+            continue
+        if hasattr(handle, "describe"):
+            handles[(index, name)] = handle
+    return handles
+
+
 def list_pools() -> list[PoolState]:
     """Every pool on the cluster, with its workers' states."""
     out = []
     for pool, names in sorted(worker_names().items()):
-        handles = {}
-        for index, name in names:
-            try:
-                handle = ray.get_actor(name, namespace=NAMESPACE)
-            except ValueError:  # ended since it was listed
-                continue
-            if hasattr(handle, "describe"):  # a model worker (other named actors are not pools)
-                handles[(index, name)] = handle
+        handles = pool_workers(pool, names)
         if not handles:
             continue
         refs = {key: h.describe.remote() for key, h in handles.items()}
@@ -164,13 +171,11 @@ def stop_all(*, force: bool = False) -> tuple[dict[str, int], dict[str, str]]:
 def stop_workers(name: str) -> int:
     """Kill every worker of pool `name` (no restart) and wait until their names are released, so a
     pool of the same name can be created at once."""
-    names = [n for _, n in worker_names().get(name, [])]
-    for actor in names:
-        try:
-            ray.kill(ray.get_actor(actor, namespace=NAMESPACE), no_restart=True)
-        except ValueError:  # ended on its own meanwhile
-            continue
+    handles = pool_workers(name, worker_names().get(name, []))
+    for handle in handles.values():
+        ray.kill(handle, no_restart=True)
+    stopping = {n for _, n in handles}
     deadline = time.monotonic() + STOP_WAIT_S
-    while time.monotonic() < deadline and any(n for _, n in worker_names().get(name, [])):
+    while time.monotonic() < deadline and stopping & {n for _, n in worker_names().get(name, [])}:
         time.sleep(0.1)
-    return len(names)
+    return len(handles)
