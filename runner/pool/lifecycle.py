@@ -93,7 +93,7 @@ def worker_names() -> dict[str, list[tuple[int, str]]]:
     return {name: sorted(ws) for name, ws in pools.items()}
 
 
-def pool_workers(pool: str, names: list[tuple[int, str]]) -> dict[tuple[int, str], object]:
+def pool_workers(names: list[tuple[int, str]]) -> dict[tuple[int, str], object]:
     """Handles of the model workers among `names` (other named actors of the namespace are not
     pools, e.g. a node's replay store "replay-<node id>")."""
     handles = {}
@@ -111,7 +111,7 @@ def list_pools() -> list[PoolState]:
     """Every pool on the cluster, with its workers' states."""
     out = []
     for pool, names in sorted(worker_names().items()):
-        handles = pool_workers(pool, names)
+        handles = pool_workers(names)
         if not handles:
             continue
         refs = {key: h.describe.remote() for key, h in handles.items()}
@@ -171,7 +171,7 @@ def stop_all(*, force: bool = False) -> tuple[dict[str, int], dict[str, str]]:
 def stop_workers(name: str) -> int:
     """Kill every worker of pool `name` (no restart) and wait until their names are released, so a
     pool of the same name can be created at once."""
-    handles = pool_workers(name, worker_names().get(name, []))
+    handles = pool_workers(worker_names().get(name, []))
     for handle in handles.values():
         ray.kill(handle, no_restart=True)
     stopping = {n for _, n in handles}
