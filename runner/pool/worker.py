@@ -199,7 +199,8 @@ class ModelWorker:
                     f"pool worker {self._name()} serves model {model_name(self.spec)} to active job(s) "
                     f"{ages}; this job asks for another: {spec_difference(spec, self.spec)}"
                 )
-            self._load(spec)
+            with self.activity.call(None):  # a load longer than the idle timeout is not idleness
+                self._load(spec)
         with self.activity.call(job):
             self.activity.idle_timeout_s = idle_timeout_s
             if cond is not None:
