@@ -29,7 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("id", help="submission id printed by `tessera submit`")
         cmd.add_argument("--address")
+    _add_pool_block(sub)
     return p
+
+
+def _add_pool_block(sub) -> None:
+    """`tessera pool ...`: the pool commands live with the pool (runner/pool/commands.py)."""
+    from runner.pool.commands import add_pool_commands
+
+    add_pool_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from runner.run import main_run
 
         return main_run(args.job, args.overrides)
+    if args.command == "pool":
+        from runner.pool.commands import run_pool_command
+
+        return run_pool_command(args)
 
     from runner import jobs
     from runner.config import JobConfigError

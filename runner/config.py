@@ -27,21 +27,34 @@ class JobConfigError(ValueError):
 class PoolConfig:
     """The named set of model workers a job runs on (reused across jobs while the cluster lives).
 
-    workers: 0 = one per GPU in the cluster (one worker on a CPU-only cluster).
-    gpus_per_worker: GPUs each worker reserves (a fraction lets small models share a GPU).
+    workers: 0 = one per GPU in the cluster (one worker on a CPU-only cluster, or when no GPU node
+      is up yet on an autoscaling cluster).
+    device: where the workers run. "gpu": each reserves gpus_per_worker GPUs, and the job waits for
+      them (an autoscaler sees the request); "cpu": no GPU; "auto": "gpu" for a model that needs
+      one (Flux), else GPUs when the cluster has them and the CPU when it has none (recorded).
+    gpus_per_worker: GPUs each GPU worker reserves (a fraction lets small models share a GPU).
     max_batch: views per forward; 0 = chosen from the worker's free memory.
     max_in_flight: batches queued per worker, so a worker never waits for its next input.
     gpu_memory_fraction: cap on each worker's share of its GPU's memory (sharing a GPU, or testing
       the out-of-memory fallback).
+    idle_timeout_s: a worker that no job has called for this long releases itself (and its GPU, so
+      an autoscaler can reclaim the node); 0 = never. A job silent this long counts as ended.
+    placement_timeout_s: how long a job waits for workers to start (placed, their process up):
+      an autoscaler adding nodes, other pools releasing theirs; at the start and for a lost
+      worker's replacement; then it fails naming what is missing. On a local Ray started by the
+      job, a pool that does not fit in the free resources fails at once.
     """
 
     name: str = "tessera"
     workers: int = 0
+    device: Literal["auto", "cpu", "gpu"] = "auto"
     gpus_per_worker: float = 1.0
     cpus_per_worker: float = 1.0
     max_batch: int = 0
     max_in_flight: int = 2
     gpu_memory_fraction: float = 1.0
+    idle_timeout_s: float = 300.0
+    placement_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
@@ -58,6 +71,12 @@ class PoolConfig:
             raise ValueError(f"pool.gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
         if self.max_in_flight < 1:
             raise ValueError(f"pool.max_in_flight must be >= 1, got {self.max_in_flight}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"pool.device must be auto, cpu or gpu, got {self.device!r}")
+        if self.idle_timeout_s < 0:
+            raise ValueError(f"pool.idle_timeout_s must be >= 0 (0 = never), got {self.idle_timeout_s}")
+        if self.placement_timeout_s < 0:
+            raise ValueError(f"pool.placement_timeout_s must be >= 0, got {self.placement_timeout_s}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
-import ray
 import torch
 
 from core.models.forward import evaluate_in_process
@@ -11,7 +12,6 @@ from core.models.loading import ModelSpec
 from core.tiling.views import ViewInput
 from runner.config import PoolConfig
 from runner.models import load_model
-from runner.pool.dispatch import Dispatcher
 from runner.pool.pool import PoolError, WorkerPool, connect_pool, shutdown_pool
 from runner.pool.ray_pool import RayModelPool
 from runner.pool.transport import from_wire, to_wire
@@ -29,7 +29,7 @@ def pool3(ray_cluster):
 
 
 def subset(pool: WorkerPool, n: int) -> WorkerPool:
-    return WorkerPool(pool.name, pool.workers[:n], pool.infos[:n], 0)
+    return dataclasses.replace(pool, workers=pool.workers[:n], infos=pool.infos[:n], created=0)
 
 
 def flat(outputs: list[torch.Tensor]) -> torch.Tensor:
@@ -54,9 +54,22 @@ def test_fake_gpus_get_one_worker_each(ray_cluster):
         shutdown_pool(pool)
 
 
-def test_pool_larger_than_the_cluster_is_refused(ray_cluster):
-    with pytest.raises(PoolError, match="needs 3 GPUs; the cluster has 2"):
-        connect_pool(PoolConfig(name="toobig", workers=3, gpus_per_worker=1), TINY)
+def test_pool_larger_than_the_cluster_waits_then_fails_naming_what_is_missing(ray_cluster):
+    """A joined cluster may autoscale, so the job waits for a worker of 3 GPUs (the cluster has 2),
+    saying so, then gives up naming the fields and what the cluster has."""
+    lines: list[str] = []
+    cfg = PoolConfig(name="toobig", workers=1, gpus_per_worker=3, placement_timeout_s=12)
+    with pytest.raises(PoolError) as err:
+        connect_pool(cfg, TINY, log=lines.append)
+    assert str(err.value).startswith(
+        "pool 'toobig': 1 of 1 workers (1 CPU, 3 GPUs each) did not start within "
+        "pool.placement_timeout_s=12 s; the cluster has "
+    )
+    assert str(err.value).endswith("free (of 4 CPUs, 2 GPUs)")
+    assert any("waiting for 1 of 1 workers (1 CPU, 3 GPUs each) to start" in line for line in lines)
+    from runner.pool.lifecycle import worker_names
+
+    assert "toobig" not in worker_names()  # the workers it made are stopped again
 
 
 def test_results_do_not_depend_on_worker_count_or_batch_size(pool3):
@@ -81,21 +94,6 @@ def test_results_do_not_depend_on_worker_count_or_batch_size(pool3):
         else:
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)  # batching changes only rounding
     assert torch.equal(outs[(1, 3)], outs[(3, 3)])
-
-
-def test_dispatcher_bounds_in_flight_and_requeues_a_dead_workers_batch(pool3):
-    rp = RayModelPool(subset(pool3, 2), PoolConfig(name="eq", max_batch=1), job="requeue")
-    rp.cond()
-    expected = flat(rp.evaluate(views(6)))
-    victim = connect_pool(PoolConfig(name="victim", workers=1, gpus_per_worker=0.5), TINY)
-    ray.get(victim.workers[0].set_cond.remote("requeue", rp.cond()))
-    ray.kill(victim.workers[0], no_restart=True)
-    dispatcher = Dispatcher([victim.workers[0], *pool3.workers[:2]], "requeue", max_batch=1, max_in_flight=1)
-    out = flat(dispatcher.evaluate(views(6)))
-    rp.close()
-    assert torch.equal(out, expected)
-    assert dispatcher.stats.requeued and dispatcher.stats.requeued[0]["worker"] == 0
-    assert not dispatcher.alive[0]
 
 
 def test_tiled_vae_over_the_pool_equals_in_process(pool3):

@@ -6,10 +6,11 @@ are or which one was free. Whichever worker has the fewest batches in flight get
 `ray.wait` returns results as they complete and they are placed by index, so completion order
 changes nothing.
 
-A batch whose worker died is re-queued on another worker once; a second loss raises. Workers are
-created with max_task_retries=0, so Ray never re-runs a call that crashed its worker: a poison
-input that kills whichever process runs it would otherwise burn every restart of the pool
-(docs/runner.md).
+A batch whose worker died is re-queued once, on another worker or on the lost one's replacement
+(runner/pool/job_workers.py: a replacement gets work only once it has the job's model and
+conditioning); a second loss of the same batch raises. Workers are created with max_restarts=0 and
+max_task_retries=0, so Ray never re-runs a call that crashed its worker: a poison input that kills
+whichever process runs it would otherwise burn every restart of the pool (docs/runner.md).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from dataclasses import dataclass, field
 
 import ray
 import torch
-from ray.exceptions import ActorDiedError, ActorUnavailableError
 
 from core.models.forward import place, view_batches
 from core.tiling.views import ViewInput
+from runner.pool.job_workers import LOST, JobWorkers
 from runner.pool.transport import from_wire, to_wire
-from runner.pool.worker import BatchResult
+from runner.pool.worker import BatchResult, JobNotReadyError
 from runner.timing import stats
 
 
@@ -65,20 +66,27 @@ class DispatchStats:
         }
 
 
+@dataclass(frozen=True)
+class Flight:
+    """A batch in flight: which batch, on which worker, through which handle."""
+
+    batch: int
+    worker: int
+    handle: object
+
+
 class Dispatcher:
     def __init__(
         self,
-        workers: Sequence,
-        job: str,
+        workers: JobWorkers,
         *,
         max_batch: int | Callable[[tuple[int, ...]], int],
         max_in_flight: int = 2,
     ) -> None:
-        if not workers:
+        if not workers.slots:
             raise ValueError("a dispatcher needs at least one worker")
-        self.workers = list(workers)
-        self.alive = [True] * len(self.workers)
-        self.job = job
+        self.workers = workers
+        self.job = workers.job
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
         self.stats = DispatchStats()
@@ -88,50 +96,32 @@ class Dispatcher:
         batches = view_batches(views, self.max_batch)
         for batch in batches:
             self.stats.batch_sizes.setdefault("x".join(map(str, batch.x.shape[1:])), len(batch.index))
+        self.workers.poll()
         queue = deque(range(len(batches)))
-        retries: dict[int, int] = {}
-        in_flight: dict[ray.ObjectRef, tuple[int, int]] = {}  # ref -> (batch, worker)
-        load = [0] * len(self.workers)
-        busy = [0.0] * len(self.workers)
+        losses: dict[int, int] = {}
+        in_flight: dict[ray.ObjectRef, Flight] = {}
+        load = [0] * len(self.workers.slots)
+        busy = [0.0] * len(self.workers.slots)
         out: list[torch.Tensor | None] = [None] * len(views)
         while queue or in_flight:
-            while queue:
-                candidates = [
-                    w for w in range(len(self.workers)) if self.alive[w] and load[w] < self.max_in_flight
-                ]
-                if not candidates:
-                    break
-                w = min(candidates, key=lambda i: (load[i], i))
-                b = queue.popleft()
-                batch = batches[b]
-                ref = self.workers[w].velocity.remote(
-                    self.job, to_wire(batch.x), to_wire(batch.sigma), batch.rope
-                )
-                in_flight[ref] = (b, w)
-                load[w] += 1
+            self._submit(batches, queue, in_flight, load)
             if not in_flight:
-                raise RuntimeError("no live workers left to evaluate views")
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+                self.workers.wait_ready()  # every worker lost: wait for a replacement (or fail)
+                continue
+            ready, _ = ray.wait([*in_flight, *self.workers.pending_refs()], num_returns=1)
             for ref in ready:
-                b, w = in_flight.pop(ref)
-                load[w] -= 1
+                flight = in_flight.pop(ref, None)
+                if flight is None:  # a replacement's placement or join
+                    self.workers.settle(ref)
+                    continue
+                load[flight.worker] -= 1
                 try:
                     result: BatchResult = ray.get(ref)
-                except (ActorDiedError, ActorUnavailableError) as err:
-                    self.alive[w] = False
-                    retries[b] = retries.get(b, 0) + 1
-                    if retries[b] > 1:
-                        raise RuntimeError(f"batch {b} lost its worker twice; giving up") from err
-                    self.stats.requeued.append({"batch": b, "worker": w, "error": type(err).__name__})
-                    queue.appendleft(b)
+                except (*LOST, JobNotReadyError) as err:
+                    self._requeue(flight, err, losses, queue)
                     continue
-                place(out, batches[b], from_wire(result.v))
-                busy[w] += result.compute_s
-                self.stats.model_s += result.compute_s
-                self.stats.forward_s += result.forward_s
-                self.stats.busy_s[w] = self.stats.busy_s.get(w, 0.0) + result.compute_s
-                if result.oom_splits:
-                    self.stats.oom_splits.append({"worker": w, "batch_sizes": result.oom_splits})
+                place(out, batches[flight.batch], from_wire(result.v))
+                self._account(flight.worker, result, busy)
         self.stats.calls += 1
         self.stats.views += len(views)
         self.stats.batches += len(batches)
@@ -140,3 +130,37 @@ class Dispatcher:
         self.stats.call_s.setdefault(len(views), []).append(wall)
         self.stats.critical_s += max(busy)
         return out  # type: ignore[return-value]
+
+    def _submit(self, batches, queue: deque, in_flight: dict, load: list[int]) -> None:
+        """Give queued batches to the ready workers with the fewest in flight, up to max_in_flight."""
+        while queue:
+            candidates = [w for w in self.workers.ready() if load[w] < self.max_in_flight]
+            if not candidates:
+                return
+            w = min(candidates, key=lambda i: (load[i], i))
+            b = queue.popleft()
+            batch = batches[b]
+            handle = self.workers.handle(w)
+            ref = handle.velocity.remote(self.job, to_wire(batch.x), to_wire(batch.sigma), batch.rope)
+            in_flight[ref] = Flight(b, w, handle)
+            load[w] += 1
+
+    def _requeue(self, flight: Flight, err: BaseException, losses: dict[int, int], queue: deque) -> None:
+        """The batch's worker is lost (or lacks the job's state): run the batch again, once."""
+        self.workers.lost(flight.worker, flight.handle, err)
+        if not isinstance(err, JobNotReadyError):  # a crash: the batch may be what crashes workers
+            losses[flight.batch] = losses.get(flight.batch, 0) + 1
+            if losses[flight.batch] > 1:
+                raise RuntimeError(f"batch {flight.batch} lost its worker twice; giving up") from err
+        self.stats.requeued.append(
+            {"batch": flight.batch, "worker": flight.worker, "error": type(err).__name__}
+        )
+        queue.appendleft(flight.batch)
+
+    def _account(self, w: int, result: BatchResult, busy: list[float]) -> None:
+        busy[w] += result.compute_s
+        self.stats.model_s += result.compute_s
+        self.stats.forward_s += result.forward_s
+        self.stats.busy_s[w] = self.stats.busy_s.get(w, 0.0) + result.compute_s
+        if result.oom_splits:
+            self.stats.oom_splits.append({"worker": w, "batch_sizes": result.oom_splits})

@@ -1,12 +1,16 @@
 """The Ray side of `tasks.context.ModelPool`: views through the dispatcher, conditioning computed
-once and broadcast by reference, and the VAE (tiled passes spread over every worker)."""
+once and broadcast by reference, and the VAE (tiled passes spread over every ready worker).
+
+Every call goes through the job's `JobWorkers`, so a lost worker is replaced (with the job's model
+and conditioning) and its work runs again: the job's result is the one an undisturbed run gives.
+`summary()` is the pool part of job.json: how the pool was made (created or reused, and why), the
+workers, the dispatch statistics and every designed fallback as a job.json entry (`fallbacks`).
+"""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-import ray
 import torch
 
 from core.models.backbone import Cond
@@ -15,25 +19,36 @@ from core.tiling.views import ViewInput
 from core.vae.tiled import VaeOp
 from runner.config import PoolConfig
 from runner.pool.dispatch import Dispatcher
-from runner.pool.pool import WorkerPool
+from runner.pool.job_workers import JobWorkers
+from runner.pool.pool import WorkerPool, console
 from runner.pool.vae_pool import tiled_over_pool
 
 
 class RayModelPool:
-    def __init__(self, pool: WorkerPool, cfg: PoolConfig, *, job: str | None = None) -> None:
+    def __init__(
+        self,
+        pool: WorkerPool,
+        cfg: PoolConfig,
+        *,
+        job: str | None = None,
+        log: Callable[[str], None] = console,
+    ) -> None:
+        """job: the job's id (default: the one connect_pool joined); another id joins the workers now."""
         self.pool = pool
         self.cfg = cfg
-        self.job = job or uuid.uuid4().hex[:12]
-        self.meta: ModelMeta = ray.get(pool.workers[0].model_meta.remote())
+        self.job = job or pool.job
+        self.workers = JobWorkers.of(pool, self.job, placement_timeout_s=cfg.placement_timeout_s, log=log)
+        if self.job != pool.job:
+            self.workers.join_all()
+        self.meta: ModelMeta = self.workers.call("model_meta")
         self.latent_channels = self.meta.latent_channels
         self.native_size = self.meta.native_size
         self.vae_scale_factor = self.meta.vae.scale_factor
         self._cond: Cond | None = None
         self._batch_cache: dict[tuple[int, ...], int] = {}
-        self.dispatcher = Dispatcher(
-            pool.workers, self.job, max_batch=self.max_batch, max_in_flight=cfg.max_in_flight
-        )
+        self.dispatcher = Dispatcher(self.workers, max_batch=self.max_batch, max_in_flight=cfg.max_in_flight)
         self.vae_rounds = 0
+        self.end_notes: list[dict] = []
 
     def max_batch(self, shape: tuple[int, ...]) -> int:
         """The pool's batch size for views of `shape`: the configured one, else the smallest any worker
@@ -41,14 +56,14 @@ class RayModelPool:
         if self.cfg.max_batch:
             return self.cfg.max_batch
         if shape not in self._batch_cache:
-            self._batch_cache[shape] = min(ray.get([w.max_batch.remote(shape) for w in self.pool.workers]))
+            sizes = self.workers.call_ready("max_batch", shape)
+            self._batch_cache[shape] = min(sizes) if sizes else self.workers.call("max_batch", shape)
         return self._batch_cache[shape]
 
     def cond(self) -> Cond:
         if self._cond is None:
-            self._cond = ray.get(self.pool.workers[0].make_cond.remote())
-            ref = ray.put(self._cond)
-            ray.get([w.set_cond.remote(self.job, ref) for w in self.pool.workers])
+            self._cond = self.workers.call("make_cond")
+            self.workers.set_cond(self._cond)
         return self._cond
 
     def evaluate(self, views: Sequence[ViewInput]) -> list[torch.Tensor]:
@@ -62,25 +77,52 @@ class RayModelPool:
         return self._vae("decode", latents, tile)
 
     def _vae(self, op: VaeOp, tensor: torch.Tensor, tile: int) -> torch.Tensor:
-        """One untiled pass on the first worker, or a tiled pass over every worker."""
+        """One untiled pass on a ready worker, or a tiled pass over every ready worker."""
         if not tile:
-            worker = self.pool.workers[0]
-            return ray.get((worker.encode if op == "encode" else worker.decode).remote(tensor))
-        result = tiled_over_pool(self.pool.workers, self.job, op, tensor, self.meta.vae, tile_px=tile)
+            return self.workers.call(op, tensor)
+        result = tiled_over_pool(self.workers, op, tensor, self.meta.vae, tile_px=tile)
         self.vae_rounds += result.rounds
         return result.output
 
     def close(self) -> None:
-        ray.get([w.end_job.remote(self.job) for w in self.pool.workers])
+        """End the job on the workers (theirs only: other jobs on the pool keep their state)."""
+        self.end_notes = self.workers.end()
+
+    def fallbacks(self) -> list[dict]:
+        """Every designed fallback of the pool as a job.json entry ({"what", "reason", ...})."""
+        out = []
+        if self.pool.plan is not None and self.pool.plan.cpu_fallback:
+            out.append({"what": "pool on CPU", "reason": "; ".join(self.pool.plan.notes)})
+        for s in self.dispatcher.stats.oom_splits:
+            out.append(
+                {
+                    "what": "oom batch split",
+                    "worker": s["worker"],
+                    "batch_sizes": s["batch_sizes"],
+                    "reason": f"worker {s['worker']}: batches of {s['batch_sizes']} views did not fit in "
+                    "GPU memory and ran in halves",
+                }
+            )
+        for r in self.dispatcher.stats.requeued:
+            out.append(
+                {
+                    "what": "batch requeued",
+                    "worker": r["worker"],
+                    "batch": r["batch"],
+                    "reason": f"worker {r['worker']} was lost ({r['error']}); batch {r['batch']} ran again",
+                }
+            )
+        return out + self.workers.fallbacks
 
     def summary(self) -> dict:
-        memory = ray.get([w.memory.remote() for w in self.pool.workers])
         return {
-            "worker_memory": memory,
+            "worker_memory": self.workers.call_ready("memory", replace=False),
             **self.dispatcher.stats.summary(),
             "oom_fallbacks": self.dispatcher.stats.oom_splits,
             "requeued_batches": self.dispatcher.stats.requeued,
             "vae_reduction_rounds": self.vae_rounds,
-            "workers": self.pool.infos,
-            "pool": {"name": self.pool.name, "size": self.pool.size, "created": self.pool.created},
+            "workers": self.workers.infos(),
+            "pool": {"name": self.pool.name, "size": self.pool.size, **self.pool.facts},
+            "fallbacks": self.fallbacks(),
+            "stopped_at_end": self.end_notes,
         }

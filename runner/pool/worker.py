@@ -1,8 +1,12 @@
 """The model worker: a Ray actor that loads a model once and evaluates batches of views.
 
 One worker per GPU (or a fraction of one for small models; one per CPU-only cluster). It keeps the
-model loaded across jobs and reloads only when a job names a different ModelSpec. Per job it holds
-the conditioning on the device and, during a tiled VAE pass, its group of tile programs.
+model loaded across jobs. Jobs `join` it with their ModelSpec: the worker serves one model at a
+time, and a job asking for another model while a job it serves is active is refused
+(`PoolBusyError`); with no active job it reloads. Per job, keyed by the job and removed only by
+that job's `end_job` (or when the job has expired, runner/pool/activity.py), it holds the
+conditioning on the device and, during a tiled VAE pass, its group of tile programs. A worker no
+job has called for `idle_timeout_s` releases itself.
 
 A batch runs through core.models.forward.forward_batch, the forward the in-process pool runs too;
 tensors travel as numpy arrays in their own dtype (runner/pool/transport.py). The actor runs two
@@ -25,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import ray
 import torch
 
 from core.models.backbone import Cond
@@ -34,11 +39,33 @@ from core.rope.spec import RopeSpec
 from core.vae.lockstep import TileGroup, TileInput, VaeRound
 from core.vae.tiled import Reply, VaeOp, move
 from runner.models import load_model, model_device
+from runner.pool.activity import Activity, watch
+from runner.pool.placement import WorkerResources, model_name, spec_difference
 from runner.pool.transport import WireTensor, from_wire, to_wire
 
 
 class ViewTooLargeError(RuntimeError):
     """A single view does not fit in the worker's GPU memory."""
+
+
+class PoolBusyError(RuntimeError):
+    """The worker serves another model to an active job; a job with a different model cannot join."""
+
+
+class JobNotReadyError(RuntimeError):
+    """The worker holds no state for the job (it was replaced, or the job has not joined it)."""
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """Who a pool worker is, as its pool created it: the pool, what it reserved, the token of the
+    connect call that created it (how a racing creator knows whether it made the worker), and the
+    idle timeout it starts with."""
+
+    pool: str
+    resources: WorkerResources
+    token: str
+    idle_timeout_s: float
 
 
 @dataclass
@@ -70,9 +97,40 @@ def exclusive(method: F) -> F:
     return locked  # type: ignore[return-value]
 
 
+def job_call(method: F) -> F:
+    """A call on behalf of the job named by the first argument: counts as that job's activity."""
+
+    @functools.wraps(method)
+    def marked(self, job: str, *args, **kwargs):
+        with self.activity.call(job):
+            return method(self, job, *args, **kwargs)
+
+    return marked  # type: ignore[return-value]
+
+
+def pool_call(method: F) -> F:
+    """A call that keeps the worker busy without naming a job (untiled VAE, batch sizing)."""
+
+    @functools.wraps(method)
+    def marked(self, *args, **kwargs):
+        with self.activity.call(None):
+            return method(self, *args, **kwargs)
+
+    return marked  # type: ignore[return-value]
+
+
 class ModelWorker:
-    def __init__(self, index: int, cpu_threads: int = 1, gpu_memory_fraction: float = 1.0) -> None:
+    def __init__(
+        self,
+        index: int,
+        cpu_threads: int = 1,
+        gpu_memory_fraction: float = 1.0,
+        *,
+        identity: WorkerIdentity | None = None,
+    ) -> None:
+        """identity: set when the worker runs as a pool's actor (then it watches its idle time)."""
         self.index = index
+        self.identity = identity
         self.device = model_device()
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, cpu_threads))
@@ -82,13 +140,21 @@ class ModelWorker:
         self.model: LoadedModel | None = None
         self.load_s = 0.0
         self.conds: dict[str, Cond] = {}
-        self.tile_groups: dict[str, TileGroup] = {}
+        self.tile_groups: dict[str, tuple[str, TileGroup]] = {}  # job -> (pass id, its tile programs)
         self.device_lock = threading.Lock()
+        self.activity = Activity(identity.idle_timeout_s if identity else 0.0)
+        self.stop_watch = threading.Event()
+        if identity is not None:
+            watch(self.activity, self._release, stop=self.stop_watch)
+
+    def _release(self) -> None:
+        """End this actor for good (idle past its timeout): its resources go back to the cluster."""
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     # -- lifecycle -------------------------------------------------------------------------------
+    # info and describe run in their own concurrency group: they answer while two batches compute.
+    @ray.method(concurrency_group="control")
     def info(self) -> dict:
-        import ray
-
         gpu_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         return {
             "index": self.index,
@@ -102,47 +168,96 @@ class ModelWorker:
             "torch_threads": torch.get_num_threads(),
             "model": None if self.spec is None else self.spec.__dict__,
             "load_s": round(self.load_s, 3),
+            **self.describe(),
+        }
+
+    @ray.method(concurrency_group="control")
+    def describe(self) -> dict:
+        """The worker's pool state: what it reserved, its jobs, idle time and timeout."""
+        identity = self.identity
+        return {
+            "pid": os.getpid(),
+            "node": socket.gethostname(),
+            "pool": identity.pool if identity else None,
+            "token": identity.token if identity else None,
+            "resources": identity.resources.as_dict() if identity else None,
+            "model_name": None if self.spec is None else model_name(self.spec),
+            "active_jobs": {job: round(age, 1) for job, age in self.activity.active_jobs().items()},
+            "idle_s": round(self.activity.idle_s(), 1),
+            "idle_timeout_s": self.activity.idle_timeout_s,
         }
 
     @exclusive
-    def load(self, spec: ModelSpec) -> dict:
-        """Load `spec` unless it is already loaded; returns info()."""
+    def join(self, job: str, spec: ModelSpec, idle_timeout_s: float, cond: Cond | None = None) -> dict:
+        """Serve `job` with `spec`: load it unless loaded (refused while another active job uses
+        another model), set the job's conditioning when given, take the job's idle timeout; info()."""
         if spec != self.spec:
-            self.model = None
-            self.conds.clear()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            start = time.perf_counter()
-            self.model = load_model(spec, self.device)
-            self.load_s = time.perf_counter() - start
-            self.spec = spec
+            others = {j: age for j, age in self.activity.active_jobs().items() if j != job}
+            if self.spec is not None and others:
+                ages = ", ".join(f"{j} (last call {age:.0f} s ago)" for j, age in others.items())
+                raise PoolBusyError(
+                    f"pool worker {self._name()} serves model {model_name(self.spec)} to active job(s) "
+                    f"{ages}; this job asks for another: {spec_difference(spec, self.spec)}"
+                )
+            with self.activity.call(None):  # a load longer than the idle timeout is not idleness
+                self._load(spec)
+        with self.activity.call(job):
+            self.activity.idle_timeout_s = idle_timeout_s
+            if cond is not None:
+                self._set_cond(job, cond)
         return self.info()
+
+    def _name(self) -> str:
+        return f"{self.identity.pool}-{self.index}" if self.identity else f"worker {self.index}"
+
+    def _load(self, spec: ModelSpec) -> None:
+        """Replace the model; every job's state goes with the old one (no active job holds any)."""
+        self.model = None
+        self.conds.clear()
+        self.tile_groups.clear()
+        for job in list(self.activity.jobs):
+            self.activity.end(job)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        start = time.perf_counter()
+        self.model = load_model(spec, self.device)
+        self.load_s = time.perf_counter() - start
+        self.spec = spec
 
     def _loaded(self) -> LoadedModel:
         if self.model is None:
             raise RuntimeError(f"worker {self.index} has no model loaded; call load(spec) first")
         return self.model
 
+    @pool_call
     def model_meta(self) -> ModelMeta:
         return self._loaded().meta
 
+    @pool_call
     def make_cond(self) -> Cond:
         """The job's conditioning on the CPU (text encoders run here, once per job)."""
         return self._loaded().make_cond()
 
+    @job_call
     @exclusive
     def set_cond(self, job: str, cond: Cond) -> None:
+        self._set_cond(job, cond)
+
+    def _set_cond(self, job: str, cond: Cond) -> None:
         param = next(self._loaded().backbone.parameters())  # type: ignore[attr-defined]
         self.conds[job] = cond.to(self.device, param.dtype)
 
     @exclusive
     def end_job(self, job: str) -> None:
+        """Drop this job's state (only this job's: other jobs sharing the worker keep theirs)."""
         self.conds.pop(job, None)
         self.tile_groups.pop(job, None)
+        self.activity.end(job)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     # -- views -----------------------------------------------------------------------------------
+    @pool_call
     def max_batch(self, shape: Sequence[int]) -> int:
         """Views of `shape` [C, h, w] per forward: 4 on a CPU. On a GPU, enough views to reach about
         8192 tokens per forward (a 1024 px Flux view already saturates an H100, so batching it buys
@@ -161,19 +276,21 @@ class ModelWorker:
             batch *= 2
         return batch
 
+    @job_call
     def velocity(self, job: str, x: WireTensor, sigma: WireTensor, rope: RopeSpec | None) -> BatchResult:
         """Velocities of one stacked batch of views (x [B, C, h, w], sigma [B]), in x's dtype."""
-        if job not in self.conds:
-            raise RuntimeError(f"worker {self.index}: no conditioning for job {job}; call set_cond first")
         x_t, sigma_t = from_wire(x), from_wire(sigma)
         splits: list[int] = []
         cuda = self.device.type == "cuda"
         with self.device_lock:
+            cond = self.conds.get(job)
+            if cond is None:
+                raise JobNotReadyError(f"{self._name()}: no conditioning for job {job}; join it first")
             start = time.perf_counter()
             if cuda:
                 began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 began.record()
-            v = self._forward(self.conds[job], x_t, sigma_t, rope, splits)
+            v = self._forward(cond, x_t, sigma_t, rope, splits)
             if cuda:
                 ended.record()
             v = v.cpu()  # synchronises the device
@@ -220,28 +337,34 @@ class ModelWorker:
         }
 
     # -- VAE -------------------------------------------------------------------------------------
+    @pool_call
     @exclusive
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self._loaded().vae.encode(images.to(self.device)).float().cpu()
 
+    @pool_call
     @exclusive
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self._loaded().vae.decode(latents.to(self.device)).float().cpu()
 
+    @job_call
     @exclusive
-    def vae_start(self, job: str, op: VaeOp, tiles: list[TileInput]) -> None:
-        """Start the tile programs of `tiles` for this job's tiled pass (core/vae/lockstep.py); the
-        first vae_advance (reply None) runs them to their first request."""
-        self.tile_groups[job] = TileGroup.start(self._loaded().vae, op, tiles)
+    def vae_start(self, job: str, pass_id: str, op: VaeOp, tiles: list[TileInput]) -> None:
+        """Start the tile programs of `tiles` for this job's tiled pass `pass_id` (core/vae/lockstep.py);
+        the first vae_advance (reply None) runs them to their first request. A pass started again
+        (after a worker of it was lost) replaces the old programs."""
+        self.tile_groups[job] = (pass_id, TileGroup.start(self._loaded().vae, op, tiles))
 
+    @job_call
     @exclusive
-    def vae_advance(self, job: str, reply: Reply | None) -> VaeRound:
+    def vae_advance(self, job: str, pass_id: str, reply: Reply | None) -> VaeRound:
         """One step of this worker's tile group: requests or output cores, on the CPU."""
-        group = self.tile_groups.get(job)
-        if group is None:
-            raise RuntimeError(f"worker {self.index}: no tiled VAE pass of job {job}; call vae_start first")
+        held = self.tile_groups.get(job)
+        if held is None or held[0] != pass_id:
+            raise JobNotReadyError(f"{self._name()}: no tiled VAE pass {pass_id} of job {job}")
+        group = held[1]
         result = group.advance(None if reply is None else move(reply, self.device)).to("cpu")
         if result.done:
             del self.tile_groups[job]
