@@ -104,6 +104,41 @@ def test_run_writes_the_artifacts(ray_cluster, small_image, tmp_path):
     assert steps == sorted(steps) and len(set(steps)) == len(steps)
 
 
+def test_run_to_a_storage_uri_stages_syncs_and_resumes(ray_cluster, small_image, tmp_path):
+    """output=file://...: the job writes to a staging folder, its files reach the URI, and a re-run
+    (on any node: the staging folder is emptied first) pulls them and resumes after phase 1."""
+    store = (tmp_path / "store").as_uri()
+    args = (
+        "run",
+        str(EXAMPLE),
+        f"image={small_image}",
+        f"output={store}/job",
+        "pool.name=cli-uri",
+        "tiling.tile=64",
+    )
+    env = {"RAY_ADDRESS": ray_cluster.address}
+    first = tessera(*args, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"[storage] results in {store}/job (" in first.stdout
+    record = json.loads((tmp_path / "store/job/job.json").read_text())
+    assert record["config"]["output"].endswith("/job") and record["config"]["output"] != f"{store}/job"
+    assert record["records"].get("resumed_from_phase") is None
+    second = tessera(*args, env=env)
+    kill_pool("cli-uri", 1)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"[storage] pulled {len(record['artifacts'])} files from {store}/job" in second.stdout
+    again = json.loads((tmp_path / "store/job/job.json").read_text())
+    assert again["records"].get("resumed_from_phase") is not None  # from the pulled checkpoint
+    assert again["run_id"] != record["run_id"]
+    assert (tmp_path / "store/job/result.png").read_bytes() == Path(first_result(first)).read_bytes()
+
+
+def first_result(proc: subprocess.CompletedProcess) -> str:
+    """The staged result.png of a run (its `done:` line names the staged job.json)."""
+    done = next(line for line in proc.stdout.splitlines() if line.startswith("done: "))
+    return done.removeprefix("done: ").replace("job.json", "result.png")
+
+
 def one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
     assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr and text in proc.stderr
@@ -229,6 +264,44 @@ def test_submit_validates_and_checks_inputs_before_uploading(ray_cluster, tmp_pa
         tessera("submit", str(EXAMPLE), "image=in.png", out, "--inputs-on-cluster", "--address", dash),
         "with --inputs-on-cluster inputs are paths on the cluster's nodes",
     )
+
+
+JOB_FILES = [
+    f
+    for f in sorted((REPO / "clusters").glob("*.yaml")) + sorted((REPO / "clusters/examples").glob("*.yaml"))
+    if "task:" in f.read_text()
+]
+
+
+@pytest.mark.parametrize("path", JOB_FILES, ids=[f.stem for f in JOB_FILES])
+def test_every_shipped_job_packages_for_submission(path, small_image, tmp_path):
+    """`tessera submit` once failed on every shipped example; each now resolves its output and
+    inputs here and packages (Flux's inputs are paths on the cluster: --inputs-on-cluster)."""
+    from runner.config import load_job
+    from runner.jobs import submitted_output
+    from runner.package import build_package
+
+    text = path.read_text()
+    on_cluster = "kind: flux" in text
+    if on_cluster:
+        overrides = []
+    elif "task: train_reference" in text:
+        overrides = [f"train_dir={small_image.parent}", f"eval_dir={small_image.parent}"]
+    else:
+        overrides = [f"image={small_image}"]
+    job = load_job(path, overrides)
+    output = submitted_output(job, None if Path(job.runner.output).is_absolute() else "s3://bucket/tessera")
+    pkg = build_package(
+        job, tmp_path, job_name=path.name, output=output, base=path.parent, inputs_on_cluster=on_cluster
+    )
+    again = load_job(tmp_path / path.name)
+    assert again.runner.output == output and again.config == _with_inputs(job.config, pkg)
+
+
+def _with_inputs(config, pkg):
+    import dataclasses
+
+    return dataclasses.replace(config, **{k: v[0] for k, v in pkg.inputs.items() if len(v) == 1})
 
 
 def test_package_holds_code_weights_inputs_and_the_resolved_job(tmp_path, small_image, monkeypatch):
