@@ -100,9 +100,6 @@ def ray_cluster(tmp_path_factory) -> RayCluster:
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
-        # the agent's default port (52365) is taken by any other Ray head on the host; without its
-        # HTTP server the Jobs API answers "No available agent to submit job"
-        f"--dashboard-agent-listen-port={_free_port()}",
         "--disable-usage-stats",
         "--object-store-memory=400000000",
         *(f"{flag}={value}" for flag, value in agent_ports.items()),
