@@ -111,7 +111,7 @@ def _run(args) -> int:
     with StagedOutput(location) as staged:
         print(f"[storage] {location.uri} staged in {staged.folder}", flush=True)
         code = main_run(args.job, [*args.overrides, f"output={staged.folder}"])
-    print(f"[storage] results in {location.uri} ({staged.uploads} files copied)", flush=True)
+    print(f"[storage] results in {location.uri} ({len(staged.files)} files)", flush=True)
     return code
 
 

@@ -241,6 +241,12 @@ class StagedOutput:
                 self.sync_failures += 1
                 print(f"[storage] {err}; retrying at the next sync", file=self.stream, flush=True)
 
+    @property
+    def files(self) -> list[str]:
+        """The files the location holds from this staging folder (pulled or pushed)."""
+        with self._lock:
+            return sorted(self._pushed)
+
     def push(self) -> int:
         """Upload the files that are new or changed since the last push; returns how many."""
         with self._lock:
