@@ -342,3 +342,18 @@ def test_package_holds_code_weights_inputs_and_the_resolved_job(tmp_path, small_
     )
     assert pkg.weights == ["taef2", "lpips"] and pkg.inputs == {} and not (other / "inputs").exists()
     assert pkg.size() < 8 * 2**20  # code and TAEF2; no reference model, no runs/, no .git
+
+
+def test_rays_large_file_warning_is_dropped_only_for_the_shipped_weights(tmp_path):
+    import logging
+
+    from runner.jobs import _BuiltInWeightsFilter
+
+    quiet = _BuiltInWeightsFilter(tmp_path)
+
+    def record(path):
+        msg = f"File {path} is very large (11.38MiB). Consider adding this file to the 'excludes' list"
+        return logging.LogRecord("ray", logging.WARNING, __file__, 1, msg, None, None)
+
+    assert not quiet.filter(record(tmp_path / "models/reference/transformer/shard-1.safetensors"))
+    assert quiet.filter(record(tmp_path / "inputs/image/huge.png"))
