@@ -357,3 +357,30 @@ def test_rays_large_file_warning_is_dropped_only_for_the_shipped_weights(tmp_pat
 
     assert not quiet.filter(record(tmp_path / "models/reference/transformer/shard-1.safetensors"))
     assert quiet.filter(record(tmp_path / "inputs/image/huge.png"))
+
+
+def test_swept_inputs_are_each_uploaded(tmp_path, small_image):
+    from runner.config import load_job
+    from runner.package import build_package
+
+    other = tmp_path / "other.png"
+    other.write_bytes(small_image.read_bytes())
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        f"task: upscale\noutput: runs/x\nmodel: {{kind: random}}\nimage: {small_image}\nscale: 2\n"
+        f"sweep: {{image: [{small_image}, {other}]}}\n"
+    )
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    pkg = build_package(
+        load_job(job_file),
+        folder,
+        job_name="job.yaml",
+        output="s3://b/x",
+        base=tmp_path,
+        inputs_on_cluster=False,
+    )
+    swept = ["inputs/image/0-bird.png", "inputs/image/1-other.png"]
+    assert pkg.inputs == {"image": ["inputs/image/bird.png", *swept]}
+    assert load_job(folder / "job.yaml").runner.sweep == {"image": swept}
+    assert all((folder / p).read_bytes() == small_image.read_bytes() for p in swept)
