@@ -9,6 +9,7 @@ import sys
 import time
 import zipfile
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -102,3 +103,38 @@ def test_online_needs_a_key_and_comet_needs_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "comet_ml", None)  # as if the [comet] extra were not installed
     with pytest.raises(TrackingUnavailable, match=r"pip install 'tessera\[comet\]'"):
         Tracker(tmp_path, TrackingConfig(comet="offline"), PARAMS, name="x")
+
+
+def test_the_job_record_gets_the_run_id_and_the_trackers_fallback(tmp_path, monkeypatch):
+    import io
+
+    from runner.context import JobArtifacts
+    from runner.summary import finish
+
+    monkeypatch.setenv("COMET_API_KEY", "not-a-real-key")
+    tracker = Tracker(tmp_path, TrackingConfig(comet="online"), PARAMS, name="upscale:x")
+    out = io.StringIO()
+    arts = JobArtifacts(tmp_path, tracker, stream=out)
+    arts.save_image("result.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    tracker.log({"sigma": 0.5}, step=0)
+    record = {
+        "task": "upscale",
+        "status": "succeeded",
+        "timings": {"total_s": 3.0},
+        "pool": {"views": 30, "evaluate_wall_s": 2.0},
+        "fallbacks": [{"what": "input crop", "reason": "r"}],
+    }
+    finish(record, arts)
+    tracker.end()
+    assert record["run_id"] == tracker.run_id
+    assert [f["what"] for f in record["fallbacks"]] == ["input crop", "comet offline"]
+    (archive,) = [a for a in record["artifacts"] if a.startswith("comet/")]  # the offline archive
+    assert archive.endswith(".zip")
+    assert [a for a in record["artifacts"] if a != archive] == ["job.json", "metrics.jsonl", "result.png"]
+    assert record["source"]["version"].startswith("0.") and record["finished"]
+    assert out.getvalue().splitlines()[-4:] == [
+        "[summary] upscale succeeded in 0:00:03 (3.0 s)",
+        "[summary] 30 views in 2.0 s of sampling: 15.00 views/s",
+        f"[summary] output {tmp_path}: result.png, 3 more files",
+        "[summary] fallbacks: input crop x1, comet offline x1",
+    ]
