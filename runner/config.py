@@ -1,9 +1,16 @@
 """Job files: YAML + `key=value` overrides merged once with OmegaConf into frozen dataclasses.
 
-A job file has the runner's keys (task, output, pool, tracking) and, beside them, the task's own
-config fields. Both halves are checked against their dataclasses before any work starts: an
+A job file has the runner's keys (task, output, pool, tracking, sweep) and, beside them, the task's
+own config fields. Both halves are checked against their dataclasses before any work starts: an
 unknown key, a value of the wrong type or an invalid value raises `JobConfigError` naming the
 field and the value.
+
+Values are read as YAML 1.2 reads them (runner/job_values.py): `off`, `on`, `yes` and `no` are
+strings, so `tracking.comet: off` means "off"; a boolean field still accepts them. A field that
+holds a variable-length tuple accepts one scalar (`denoise=0.5`: one value for every phase).
+`sweep=...` on the command line replaces the file's sweep (`sweep={}` turns it off). Resolvers
+such as `${oc.env:...}` are refused: a job file never reads the environment, so job.json and output
+paths never hold a secret.
 """
 
 from __future__ import annotations
@@ -12,11 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
+from runner.job_values import (
+    JobValueError,
+    parse_overrides,
+    read_yaml,
+    refuse_resolvers,
+    wrap_scalars,
+)
 from runner.registry import TASKS, TaskEntry
+from runner.storage import StorageError, is_uri, parse_location
 
 
 class JobConfigError(ValueError):
@@ -93,13 +107,27 @@ class TrackingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RunnerConfig:
-    """task: the job type; output: the job's folder; sweep: a job array (runner/sweep.py)."""
+    """task: the job type; sweep: a job array (runner/sweep.py).
+
+    output: the job's folder: a path on the machine that runs the job, or a storage URI (file://,
+      s3://, gs://, ...; runner/storage.py): the job then writes to a local staging folder, syncs it
+      to the URI while it runs and at the end, and a re-run pulls it first and resumes.
+    """
 
     task: str
     output: str
     pool: PoolConfig = field(default_factory=PoolConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.output:
+            raise ValueError("output must name the job's folder (a path or a storage URI), got ''")
+        if is_uri(self.output):
+            try:
+                parse_location(self.output)
+            except StorageError as err:
+                raise ValueError(f"output: {err}") from None
 
 
 RUNNER_KEYS = ("task", "output", "pool", "tracking", "sweep")
@@ -119,11 +147,12 @@ def _describe(err: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
-def _merge(schema_cls: type, data: dict, overrides: list[str], where: str) -> tuple[Any, dict]:
+def _merge(schema_cls: type, data: dict, overrides: dict, where: str) -> tuple[Any, dict]:
     base = OmegaConf.structured(schema_cls)
     OmegaConf.set_readonly(base, False)
     try:
-        merged = OmegaConf.merge(base, OmegaConf.create(data), OmegaConf.from_dotlist(overrides))
+        layers = [OmegaConf.create(wrap_scalars(schema_cls, d)) for d in (data, overrides)]
+        merged = OmegaConf.merge(base, *layers)
         obj = OmegaConf.to_object(merged)
     except ConfigKeyError as err:
         raise JobConfigError(f"{where}: unknown key {_describe(err)}") from None
@@ -141,37 +170,50 @@ def _merge(schema_cls: type, data: dict, overrides: list[str], where: str) -> tu
 
 
 def read_job_file(path: str | Path) -> dict:
+    """A job file's mapping, read with YAML 1.2 booleans; resolvers are refused."""
     path = Path(path)
     if not path.is_file():
         raise JobConfigError(f"job file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        data = read_yaml(path.read_text())
+    except JobValueError as err:
         raise JobConfigError(f"job file {str(path)!r} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise JobConfigError(f"job file {str(path)!r} must be a mapping of keys, got {type(data).__name__}")
+    try:
+        refuse_resolvers(data)
+    except JobValueError as err:
+        raise JobConfigError(f"job file {str(path)!r}: {err}") from None
     return data
 
 
 def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Job:
     """Parse, merge and validate a job file with `key=value` overrides; raises JobConfigError."""
     data = read_job_file(path)
-    for item in overrides:
-        if "=" not in item:
-            raise JobConfigError(f"override {item!r} must look like key=value")
-    runner_over = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in RUNNER_KEYS]
-    task_over = [o for o in overrides if o not in runner_over]
+    try:
+        over = parse_overrides(overrides)
+    except JobValueError as err:
+        raise JobConfigError(str(err)) from None
     runner_data = {k: data.pop(k) for k in RUNNER_KEYS if k in data}
-    task_name = next(
-        (o.split("=", 1)[1] for o in runner_over if o.startswith("task=")), runner_data.get("task")
-    )
+    runner_over = {k: over.pop(k) for k in RUNNER_KEYS if k in over}
+    if "sweep" in runner_over and not (
+        isinstance(runner_over["sweep"], dict) and _dotted_only(overrides, "sweep")
+    ):
+        runner_data.pop("sweep", None)  # sweep=... replaces the file's sweep; sweep={} turns it off
+    task_name = runner_over.get("task", runner_data.get("task"))
     if task_name is None:
         raise JobConfigError(f"{path}: missing required key 'task' (one of {sorted(TASKS)})")
     if task_name not in TASKS:
         raise JobConfigError(f"{path}: task {task_name!r} is not a known task; known: {sorted(TASKS)}")
-    if "output" not in runner_data and not any(o.startswith("output=") for o in runner_over):
+    if "output" not in runner_data and "output" not in runner_over:
         raise JobConfigError(f"{path}: missing required key 'output' (the job's output folder)")
     entry = TASKS[task_name]
     runner_cfg, runner_resolved = _merge(RunnerConfig, runner_data, runner_over, str(path))
-    task_cfg, task_resolved = _merge(entry.config_cls(), data, task_over, str(path))
+    task_cfg, task_resolved = _merge(entry.config_cls(), data, over, str(path))
     return Job(runner_cfg, entry, task_cfg, {**runner_resolved, **task_resolved})
+
+
+def _dotted_only(overrides: list[str] | tuple[str, ...], key: str) -> bool:
+    """True when every override of `key` names a key inside it (sweep.seed=[..]), none `key` itself."""
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    return key not in keys

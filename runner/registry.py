@@ -24,6 +24,8 @@ class TaskEntry:
     needs: "pool" (views fanned out to model workers) or "device" (one process that owns a GPU).
     check: "" or a function of the config that checks what needs the filesystem (inputs exist and
       are usable) before any work starts; it raises ValueError or FileNotFoundError naming the field.
+    inputs: the config fields that name input files or folders (top-level string fields, "" = none
+      given); `tessera submit` checks and uploads them with the job (runner/jobs.py).
     """
 
     name: str
@@ -31,6 +33,7 @@ class TaskEntry:
     run: str
     needs: Literal["pool", "device"]
     check: str = ""
+    inputs: tuple[str, ...] = ()
 
     def config_cls(self) -> type:
         return _resolve(self.config)
@@ -49,11 +52,13 @@ TASKS: dict[str, TaskEntry] = {
         run="tasks.upscale:run",
         needs="pool",
         check="tasks.upscale_config:check",
+        inputs=("image", "mask"),
     ),
     "train_reference": TaskEntry(
         "train_reference",
         config="tasks.train_reference:TrainReferenceConfig",
         run="tasks.train_reference:run",
         needs="device",
+        inputs=("train_dir", "eval_dir"),
     ),
 }

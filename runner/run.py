@@ -24,6 +24,7 @@ from runner.context import JobArtifacts, JobContext
 from runner.device_task import summarize
 from runner.driver_process import keep_freed_memory, limit_driver_threads
 from runner.ray_init import init_ray
+from runner.summary import finish
 from runner.sweep import expand, folder_name, override
 from runner.tracking import Tracker
 
@@ -149,6 +150,7 @@ def _run_one(job: Job, stream, driver: dict, *, coords: dict | None = None) -> J
         record["fallbacks"] = arts.fallbacks + pool_fallbacks(pool_summary)
         record["result"] = summarize(result)
         record["status"] = "failed" if error else "succeeded"
+        finish(record, arts)  # finish time, source, run id, artifacts; the console summary
         arts.save_json("job.json", record)
         if tracker is not None:
             tracker.end()

@@ -103,3 +103,83 @@ def test_example_job_files_parse():
     assert len(jobs) >= 9
     for f in jobs:
         load_job(f)
+
+
+def test_yaml_1_1_booleans_stay_words(tmp_path, image):
+    """`off` is YAML 1.1's False: `tracking.comet: off` failed with "got 'False'"."""
+    text = GOOD.format(out=tmp_path / "o", image=image) + "tracking: {comet: off}\noutputs: {previews: on}\n"
+    job = load_job(write(tmp_path, text))
+    assert job.runner.tracking.comet == "off" and job.config.outputs.previews is True
+    job = load_job(
+        write(tmp_path, text), ["tracking.comet=off", "outputs.previews=off", "model.prompt_embeds=no"]
+    )
+    assert job.runner.tracking.comet == "off" and job.config.outputs.previews is False
+    assert job.config.model.prompt_embeds == "no"
+    with pytest.raises(
+        JobConfigError,
+        match=r"tracking.comet: Invalid value 'of', expected one of \['off', 'online', 'offline'\]",
+    ):
+        load_job(write(tmp_path, text), ["tracking.comet=of"])
+
+
+def test_a_scalar_for_a_tuple_field_is_one_value(tmp_path, image):
+    path = write(tmp_path, GOOD.format(out=tmp_path / "o", image=image) + "denoise: 0.45\n")
+    assert load_job(path).config.denoise == (0.45,)
+    job = load_job(path, ["denoise=0.5"])
+    assert job.config.denoise == (0.5,) and list(job.resolved["denoise"]) == [0.5]
+    assert job.config.phase_denoise(3) == [0.5, 0.5, 0.5]
+    with pytest.raises(JobConfigError, match="invalid value target"):
+        load_job(path, ["target=512"])  # a fixed-length pair is not filled from one number
+
+
+def test_sweep_overrides_replace_or_turn_off_the_files_sweep(tmp_path, image):
+    text = GOOD.format(out=tmp_path / "o", image=image) + "sweep: {seed: [0, 1], steps: [2, 3]}\n"
+    path = write(tmp_path, text)
+    assert load_job(path).runner.sweep == {"seed": [0, 1], "steps": [2, 3]}
+    assert load_job(path, ["sweep={}"]).runner.sweep == {}
+    assert load_job(path, ["sweep={seed: [5]}"]).runner.sweep == {"seed": [5]}
+    # a key inside the sweep adds to it, keeping a dotted name as one key
+    assert load_job(path, ["sweep.tiling.method=[mixture]"]).runner.sweep == {
+        "seed": [0, 1],
+        "steps": [2, 3],
+        "tiling.method": ["mixture"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides"),
+    [
+        ("tracking: {{project: '${{oc.env:COMET_API_KEY}}'}}\n", []),
+        ("", ["tracking.project=${oc.env:COMET_API_KEY}"]),
+        ("", ["output=/tmp/runs/${oc.env:COMET_API_KEY,x}"]),
+        ("model: {{kind: random, shape: tiny, prompt_embeds: '${{ oc.decode:abc }}'}}\n", []),
+    ],
+)
+def test_environment_interpolation_is_refused(tmp_path, image, monkeypatch, text, overrides):
+    """${oc.env:...} resolved into job.json and output folder names; no value from the environment
+    may enter a job's config."""
+    monkeypatch.setenv("COMET_API_KEY", "secret-key-123")
+    path = write(tmp_path, GOOD.format(out=tmp_path / "o", image=image) + text.format())
+    with pytest.raises(
+        JobConfigError, match="calls a resolver; job files and overrides may not read the environment"
+    ):
+        load_job(path, overrides)
+
+
+def test_plain_references_and_escaped_dollars_still_work(tmp_path, image):
+    text = (
+        GOOD.format(out=tmp_path / "o", image=image)
+        + "model: {kind: random, shape: tiny, prompt_embeds: '\\${x}'}\n"
+    )
+    job = load_job(write(tmp_path, text), ["mask=${image}"])
+    assert job.config.mask == str(image)
+    assert job.config.model.prompt_embeds == "${x}"
+
+
+def test_output_uris_are_checked_without_a_network(tmp_path, image):
+    path = write(tmp_path, GOOD.format(out=tmp_path / "o", image=image))
+    assert load_job(path, ["output=s3://bucket/runs/x"]).runner.output == "s3://bucket/runs/x"
+    with pytest.raises(JobConfigError, match="output: storage URI 'ftp://h/x': scheme 'ftp'"):
+        load_job(path, ["output=ftp://h/x"])
+    with pytest.raises(JobConfigError, match="is not valid YAML"):
+        load_job(path, ["steps=[1,"])
