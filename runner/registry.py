@@ -26,6 +26,8 @@ class TaskEntry:
       are usable) before any work starts; it raises ValueError or FileNotFoundError naming the field.
     inputs: the config fields that name input files or folders (top-level string fields, "" = none
       given); `tessera submit` checks and uploads them with the job (runner/jobs.py).
+    runner: "" or a "module:function(job, artifacts) -> (result, pool summary)" that runs a pool task
+      with a context of its own (distillation) instead of the model pool's.
     """
 
     name: str
@@ -34,6 +36,7 @@ class TaskEntry:
     needs: Literal["pool", "device"]
     check: str = ""
     inputs: tuple[str, ...] = ()
+    runner: str = ""
 
     def config_cls(self) -> type:
         return _resolve(self.config)
@@ -43,6 +46,9 @@ class TaskEntry:
 
     def check_fn(self) -> Callable[[Any], None] | None:
         return _resolve(self.check) if self.check else None
+
+    def runner_fn(self) -> Callable[[Any, Any], tuple[Any, dict]] | None:
+        return _resolve(self.runner) if self.runner else None
 
 
 TASKS: dict[str, TaskEntry] = {
@@ -59,6 +65,13 @@ TASKS: dict[str, TaskEntry] = {
         config="tasks.generate_config:GenerateConfig",
         run="tasks.generate:run",
         needs="pool",
+    ),
+    "distill": TaskEntry(
+        "distill",
+        config="tasks.distill_config:DistillConfig",
+        run="tasks.distill:run",
+        needs="pool",
+        runner="runner.distill.job:run_distill",
     ),
     "train_reference": TaskEntry(
         "train_reference",

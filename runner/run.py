@@ -190,6 +190,9 @@ def _run_pool_task(job: Job, arts: JobArtifacts) -> tuple[Any, dict]:
     from runner.pool.pool import connect_pool
     from runner.pool.ray_pool import RayModelPool
 
+    own = job.task.runner_fn()
+    if own is not None:  # a pool task with its own context (task: distill)
+        return own(job, arts)
     with arts.timer("pool_connect"):
         pool = connect_pool(job.runner.pool, job.config.model)
     model_pool = RayModelPool(pool, job.runner.pool)

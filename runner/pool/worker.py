@@ -28,12 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import ray
 import torch
 
 from core.attention.counters import RouteCounters
+from core.distill.plan import TeacherRun
+from core.models.attention_hook import layer_keys
 from core.models.backbone import Cond
 from core.models.forward import forward_batch
 from core.models.loading import LoadedModel, ModelMeta, ModelSpec
@@ -46,6 +48,10 @@ from runner.pool.activity import Activity, watch
 from runner.pool.placement import WorkerResources, model_name, spec_difference
 from runner.pool.transport import WireTensor, from_wire, to_wire
 from tasks.distill_attention import AttentionConfig
+from tasks.distill_records import LayerInfo, RunReport
+
+if TYPE_CHECKING:
+    from runner.distill.session import DistillSession
 
 
 class ViewTooLargeError(RuntimeError):
@@ -147,6 +153,7 @@ class ModelWorker:
         self.conds: dict[str, Cond] = {}
         self.tile_groups: dict[str, tuple[str, TileGroup]] = {}  # job -> (pass id, its tile programs)
         self.served: dict[str, ServedStudents] = {}  # job -> its students (attention: in the job file)
+        self.sessions: dict[str, DistillSession] = {}  # job -> its distillation layers (task: distill)
         self.device_lock = threading.Lock()
         self.activity = Activity(identity.idle_timeout_s if identity else 0.0)
         self.stop_watch = threading.Event()
@@ -232,6 +239,7 @@ class ModelWorker:
         self.conds.clear()
         self.tile_groups.clear()
         self.served.clear()
+        self.sessions.clear()
         for job in list(self.activity.jobs):
             self.activity.end(job)
         if self.device.type == "cuda":
@@ -276,12 +284,55 @@ class ModelWorker:
         self.served[job] = ServedStudents(attention, transformer, self.device)
         return self.served[job]
 
+    # -- distillation (task: distill; runner/distill/session.py) ---------------------------------
+    @job_call
+    @exclusive
+    def distill_layers(self, job: str) -> list[LayerInfo]:
+        """The model's attention layers with their shapes, in the transformer's order."""
+        transformer = self._loaded().backbone.transformer  # type: ignore[attr-defined]
+        c = transformer.config
+        return [LayerInfo(k, c.num_attention_heads, c.attention_head_dim) for k in layer_keys(transformer)]
+
+    @job_call
+    @exclusive
+    def distill_start(self, job: str, cfg, groups: dict, states: dict) -> None:
+        """(Re)start this worker's share of a distillation job: the trainers of `groups`' layers,
+        from `states` where given (a checkpoint), else fresh from the job's seeds."""
+        from runner.distill.session import DistillSession  # the trainers' modules, only when distilling
+
+        model = self._loaded()
+        conds = {i: self._prompt_cond(prompt) for i, prompt in enumerate(cfg.teacher.prompts)}
+        self.sessions[job] = DistillSession(cfg, groups, model, conds, self.device, states)
+
+    def _prompt_cond(self, prompt: str) -> Cond:
+        """The conditioning of a teacher prompt: the model's own for "" (the reference model's
+        learned tokens, or the spec's prompt), else the prompt through Flux's text encoders."""
+        if not prompt:
+            return self._loaded().make_cond()
+        from core.models.text import FluxTextEncoder
+
+        spec = self.spec
+        dtype = next(self._loaded().backbone.parameters()).dtype  # type: ignore[attr-defined]
+        encoder = FluxTextEncoder(spec.path, dtype=dtype, device=self.device)
+        guidance = spec.guidance if self._loaded().backbone.has_guidance else None  # type: ignore[attr-defined]
+        return encoder.encode(prompt, guidance=guidance)
+
+    @job_call
+    @exclusive
+    def distill_run(self, job: str, run: TeacherRun) -> RunReport:
+        """One teacher run of this worker's groups: sample with capture, train, validate."""
+        session = self.sessions.get(job)
+        if session is None:
+            raise JobNotReadyError(f"{self._name()}: no distillation session for job {job}")
+        return session.run(run, self.index)
+
     @exclusive
     def end_job(self, job: str) -> None:
         """Drop this job's state (only this job's: other jobs sharing the worker keep theirs)."""
         self.conds.pop(job, None)
         self.tile_groups.pop(job, None)
         self.served.pop(job, None)
+        self.sessions.pop(job, None)
         self.activity.end(job)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
