@@ -19,6 +19,7 @@ budgets: eviction order across layers follows arrival order when workers insert 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass
 
@@ -66,10 +67,10 @@ def run(cfg: DistillConfig, ctx: DistillContext) -> DistillState:
     plan = plan_job(cfg, ctx.layers(), ctx.workers)
     ctx.record("assignment", plan.assignment())
     ctx.record("runs", [dataclasses.asdict(r) for r in plan.runs])
-    state = DistillState()
+    state = DistillState(fingerprint=fingerprint(cfg))
     saved = ctx.load_state(CHECKPOINT)
     if saved is not None:
-        state.load_state_dict(saved)
+        state.load_state_dict(saved)  # refuses a checkpoint of another config (the fingerprint)
         ctx.record("resumed_at_run", state.next_run)
     begun = ctx.begin(cfg, plan.groups, state.layer_states, state.replay)
     if state.replay is None:
@@ -89,6 +90,16 @@ def run(cfg: DistillConfig, ctx: DistillContext) -> DistillState:
     ctx.record("oom_ladders", state.ladders)
     ctx.record("layers", {k: dataclasses.asdict(r) for k, r in state.reports.items()})
     return state
+
+
+def fingerprint(cfg: DistillConfig) -> dict:
+    """What a checkpoint must agree with to be resumed: the whole config but the number of runs and
+    the checkpoint and log cadences, which change neither a run nor any layer's training."""
+    out = dataclasses.asdict(cfg)
+    out["teacher"] = {k: v for k, v in out["teacher"].items() if k != "runs"}
+    for key in ("checkpoint_every", "log_every"):
+        out.pop(key)
+    return json.loads(json.dumps(out))  # tuples as lists, as the checkpoint holds them
 
 
 def save_students(ctx: DistillContext, cfg: DistillConfig, plan: JobPlan, state: DistillState) -> str:

@@ -23,6 +23,7 @@ SUMMARISED = ("loss", "cosine_distance", "nmse", "gate", "val_cosine_distance")
 
 @dataclass
 class DistillState:
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # the config a resume must match
     next_run: int = 0
     layer_states: dict[str, Any] = field(default_factory=dict)
     reports: dict[str, LayerReport] = field(default_factory=dict)  # each layer's latest
@@ -78,6 +79,7 @@ class DistillState:
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT,
+            "fingerprint": self.fingerprint,
             "next_run": self.next_run,
             "layer_states": self.layer_states,
             "reports": {k: dataclasses.asdict(r) for k, r in self.reports.items()},
@@ -93,6 +95,12 @@ class DistillState:
         if state.get("format") != STATE_FORMAT:
             raise ValueError(
                 f"distill checkpoint has format {state.get('format')!r}, this code reads {STATE_FORMAT}"
+            )
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                "the output folder holds the checkpoint of another distillation config; differing: "
+                + ", ".join(_differences(state["fingerprint"], self.fingerprint))
+                + " (use another output folder, or the config that made it)"
             )
         self.next_run = int(state["next_run"])
         self.layer_states = dict(state["layer_states"])
@@ -111,3 +119,13 @@ def quantile(values: Sequence[float], q: float) -> float:
     pos = q * (len(xs) - 1)
     lo, hi = math.floor(pos), math.ceil(pos)
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+        return out
+    return [] if a == b else [f"{where}={b!r} (checkpoint: {a!r})"]

@@ -281,9 +281,42 @@ class DistillJob:
             except LOST:
                 self.status("[distill] a replay store was already gone at the end of the job")
 
-    # -- Artifacts -------------------------------------------------------------------------------
-    def __getattr__(self, name: str):
-        """read_image, save_json, save_state, load_state, log_metrics, record, ...: the job's artifacts."""
-        if name in ("arts", "__setstate__"):
-            raise AttributeError(name)
-        return getattr(self.arts, name)
+    # -- Artifacts: the job's files, record and metrics ------------------------------------------
+    def read_image(self, path):
+        return self.arts.read_image(path)
+
+    def directory(self, name):
+        return self.arts.directory(name)
+
+    def save_image(self, name, image):
+        return self.arts.save_image(name, image)
+
+    def save_json(self, name, data):
+        return self.arts.save_json(name, data)
+
+    def save_tensors(self, name, tensors):
+        return self.arts.save_tensors(name, tensors)
+
+    def load_tensors(self, name):
+        return self.arts.load_tensors(name)
+
+    def save_state(self, name, state):
+        return self.arts.save_state(name, state)
+
+    def load_state(self, name):
+        return self.arts.load_state(name)
+
+    def log_metrics(self, metrics, *, step):
+        self.arts.log_metrics(metrics, step=step)
+
+    def progress(self, label, done, total, *, unit="views", count=None):
+        self.arts.progress(label, done, total, unit=unit, count=count)
+
+    def record(self, key, value):
+        self.arts.record(key, value)
+
+    def record_fallback(self, what, reason):
+        self.arts.record_fallback(what, reason)
+
+    def timer(self, name):
+        return self.arts.timer(name)
