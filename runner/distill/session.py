@@ -213,7 +213,9 @@ class DistillSession:
             done += 1
         train_s = time.perf_counter() - start
         evaluation = self._validate(slot)
-        last_loss = slot.last.loss if slot.last is not None else None
+        # the readiness ceiling is on the unweighted parts (the Kendall total goes below 0 as it learns)
+        last = slot.last
+        last_loss = last.smooth_l1 + last.cosine_distance if last is not None else None
         if last_loss is not None:  # once per run; a layer never trained has nothing to decide on
             slot.readiness.flush(slot.attempts, last_loss)
         ready = slot.readiness.ready
