@@ -63,8 +63,9 @@ def build_package(
     write_source(folder)  # the commit, for job.json: no .git travels
     _copy_weights(job, pkg)
     for key in job.task.inputs:
-        if resolved.get(key):
-            resolved[key] = _input(pkg, key, resolved[key], inputs_on_cluster)
+        value = _get(resolved, key)
+        if value:
+            _set(resolved, key, _input(pkg, key, value, inputs_on_cluster))
     sweep = resolved.get("sweep") or {}
     for key, value in list(sweep.items()):
         try:
@@ -83,6 +84,19 @@ def build_package(
             "cluster mounts and pass --inputs-on-cluster with their paths there"
         )
     return pkg
+
+
+def _get(data: dict, key: str) -> Any:
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _set(data: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data[part]
+    data[last] = value
 
 
 def _copy_weights(job: Job, pkg: Package) -> None:

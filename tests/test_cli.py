@@ -384,3 +384,33 @@ def test_swept_inputs_are_each_uploaded(tmp_path, small_image):
     assert pkg.inputs == {"image": ["inputs/image/bird.png", *swept]}
     assert load_job(folder / "job.yaml").runner.sweep == {"image": swept}
     assert all((folder / p).read_bytes() == small_image.read_bytes() for p in swept)
+
+
+def test_a_nested_input_field_is_uploaded_and_renamed(tmp_path, small_image):
+    """outputs.reference is an input (registry: dotted field names): it travels with the job and the
+    packaged job file names the copy."""
+    from runner.config import load_job
+    from runner.package import build_package
+
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        f"task: upscale\noutput: runs/x\nmodel: {{kind: random}}\nimage: {small_image}\nscale: 2\n"
+        f"outputs: {{reference: {small_image}}}\n"
+    )
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    pkg = build_package(
+        load_job(job_file),
+        folder,
+        job_name="job.yaml",
+        output="s3://b/x",
+        base=tmp_path,
+        inputs_on_cluster=False,
+    )
+    assert pkg.inputs == {
+        "image": ["inputs/image/bird.png"],
+        "outputs.reference": ["inputs/outputs.reference/bird.png"],
+    }
+    again = load_job(folder / "job.yaml")
+    assert again.config.outputs.reference == "inputs/outputs.reference/bird.png"
+    assert (folder / again.config.outputs.reference).read_bytes() == small_image.read_bytes()
