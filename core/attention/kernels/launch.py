@@ -1,7 +1,7 @@
 """Launch settings of the student's Triton kernels, and the torch -> Triton dtype map.
 
 The defaults were chosen by timing variants on an H200 at Flux.1's attention shape
-(bench/attention_bench.py --sweep, results in bench/results/attention_bench.json).
+(bench/attention_bench.py --sweep; bench/results/attention_bench_call1.json and attention_bench.json).
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ class Launch(NamedTuple):
         return {} if interpret else {"num_warps": self.warps, "num_stages": self.stages}
 
 
-# The fastest variants of the sweep at 4096 px (66,048 tokens), H200, Triton 3.6:
+# The fastest variants of the sweeps at 4096 px (66,048 tokens), H200, Triton 3.6 (the window and mix
+# figures from the second sweep, after the landmark branch moved into the window kernel):
 KV = Launch(block=64, warps=4, stages=1)  # the KV/z accumulation with phi_k: 3.12 ms (8 warps: 5.15)
 READOUT = Launch(block=128, warps=8, stages=2)  # the readout with phi_q: 2.53 ms (64 x 8 warps: 4.54)
-WINDOW = Launch(block=64, warps=4, stages=3)  # block: text keys per step; local alone 3.21 ms
-MIX = Launch(block=32, warps=4, stages=1)  # queries per program: 1.54 ms with fp32 branches
+WINDOW = Launch(block=64, warps=4, stages=3)  # block: keys per text/landmark step: 4.69 ms (2 tiles: 4.83)
+MIX = Launch(block=32, warps=4, stages=1)  # queries per program: 0.71 ms with bf16 branches
 
 
 def tl_dtype(dtype: torch.dtype):
