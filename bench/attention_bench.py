@@ -164,10 +164,11 @@ def time_mix(br, config: StudentConfig, reps: int) -> dict[str, float]:
 
     mod = torch.zeros(1, 6, device="cuda")
     gates = torch.tensor([[-2.2] * HEADS, [2.0] * HEADS] * 2, device="cuda")  # logit(0.1), gamma 2
+    reference = torch.full((HEADS, 2), 0.5, device="cuda")  # the probes' mean disagreements
     return cuda_times(
         lambda: mix(
-            br.local, br.kernel, br.landmark, mod, gates, n_text=TEXT_TOKENS, alpha_max=config.alpha_max,
-            dtype=torch.bfloat16,
+            br.local, br.kernel, br.landmark, mod, gates, reference, n_text=TEXT_TOKENS,
+            alpha_max=config.alpha_max, dtype=torch.bfloat16,
         ),
         reps,
     )  # fmt: skip
@@ -265,6 +266,7 @@ def sweep(px: int, config: StudentConfig, reps: int = 5) -> list[dict]:
     wq, wk = feature_weights(student.phi_q, torch.bfloat16), feature_weights(student.phi_k, torch.bfloat16)
     mod = torch.zeros(1, 6, device="cuda")
     gates = torch.tensor([[-2.2] * HEADS, [2.0] * HEADS] * 2, device="cuda")
+    reference = torch.full((HEADS, 2), 0.5, device="cuda")  # the probes' mean disagreements
     index = landmark_indices(geometry, landmark_budget(geometry, config)).cuda()
     t = config.local_tile, config.local_radius
     with torch.inference_mode():
@@ -282,6 +284,7 @@ def sweep(px: int, config: StudentConfig, reps: int = 5) -> list[dict]:
                 br.landmark,
                 mod,
                 gates,
+                reference,
                 n_text=TEXT_TOKENS,
                 alpha_max=config.alpha_max,
                 dtype=torch.bfloat16,
