@@ -280,6 +280,43 @@ def test_results_do_not_depend_on_cpus_per_worker(ray_cluster, photo, tmp_path):
     assert threads == [[1], [1]]  # the model's thread count, whatever the worker reserved
 
 
+# -- 7. secrets never reach a record ---------------------------------------------------------------
+
+SECRET = "sk-tessera-test-0f3c9a71"  # a made-up key: it must reach no file of the job
+
+
+def files_holding(folder: Path, text: str) -> list[str]:
+    """Files under `folder` whose name or bytes hold `text`, members of zip archives (Comet's offline
+    archive) read uncompressed."""
+    import zipfile
+
+    found = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        blobs = [path.read_bytes()]
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                blobs += [z.read(name) for name in z.namelist()]
+        if text in str(path.relative_to(folder)) or any(text.encode() in b for b in blobs):
+            found.append(str(path.relative_to(folder)))
+    return found
+
+
+def test_a_secret_in_the_environment_reaches_no_file_of_the_job(cluster_env, photo, tmp_path):
+    """COMET_API_KEY set and used (Comet online, which falls back to offline here: no network): the
+    key reaches no file of the job's output, not job.json, metrics, the Comet archive or a name, nor
+    the console. (A job file or override that reads it, `${oc.env:...}`, is refused before anything
+    is written: tests/test_job_config.py::test_environment_interpolation_is_refused.)"""
+    job = job_yaml(tmp_path / "job.yaml", image=str(photo), phases=1, denoise=[0.5], steps=2)
+    out = tmp_path / "out"
+    env = {**cluster_env, "COMET_API_KEY": SECRET}
+    used = tessera("run", str(job), f"output={out}", "tracking.comet=online", env=env)
+    assert used.returncode == 0, used.stderr[-3000:]
+    rec = record(out)
+    assert any(f["what"] == "comet offline" for f in rec["fallbacks"]) and list((out / "comet").glob("*.zip"))
+    assert files_holding(out, SECRET) == [] and SECRET not in used.stdout + used.stderr
+    assert "metrics.jsonl" in files_holding(out, rec["run_id"])  # the scan reads what it must
+
+
 # -- 11. a job far beyond the model's scale --------------------------------------------------------
 
 
