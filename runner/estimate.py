@@ -25,6 +25,7 @@ from PIL import Image
 from core.models.loading import FLUX_NATIVE_SIZE, TINY_NATIVE_SIZE
 from core.upscale.phases import plan_phase_sizes
 from runner.models import WEIGHTS
+from tasks.upscale_plans import dilated_factor
 
 PIXEL_BUDGET = 8192 * 8192  # output pixels a job may have without --allow-large
 VAE_FACTOR = 8  # image pixels per latent pixel of every VAE the models use (Flux.1's KL, TAEF2)
@@ -70,18 +71,6 @@ def _axis_views(length: int, tile: int, overlap: int) -> int:
     return math.ceil((length - tile) / (tile - overlap)) + 1
 
 
-def _dilated_factor(coherence: Any, height: int, width: int, native: int) -> int:
-    """DemoFusion's global views per axis: an explicit factor, or the smallest that brings a
-    sub-lattice to the native size; 1 = no global views."""
-    setting = getattr(coherence, "dilated", False)
-    explicit = getattr(coherence, "factor", 0) if setting is True else setting
-    if setting is False or setting == 0:
-        return 1
-    if isinstance(explicit, int) and not isinstance(explicit, bool) and explicit >= 2:
-        return explicit
-    return max(1, math.ceil(max(height, width) / native))
-
-
 def upscale(cfg: Any) -> Estimate:
     """The estimate of an upscale job (tasks/upscale_config.py's UpscaleConfig)."""
     with Image.open(cfg.image) as im:
@@ -101,7 +90,7 @@ def upscale(cfg: Any) -> Estimate:
     for (h, w), denoise in zip(sizes, denoises, strict=True):
         tiled = _axis_views(h, tile, overlap) * _axis_views(w, tile, overlap)
         local = 1 if cfg.tiling.method == "none" else tiled
-        factor = _dilated_factor(cfg.coherence, h, w, native)
+        factor = dilated_factor(cfg.coherence, h, w, native)  # the task's rule (pixels: same ratio)
         views = local + (factor * factor if factor > 1 else 0)
         per_step.append(views)
         forwards += views * max(1, round(cfg.steps * denoise))
