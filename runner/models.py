@@ -14,12 +14,19 @@ dtype the model runs. `core.models.loading.load_model` builds what it is told.
 - Device: the process's GPU when it has one (a worker reserves one through Ray), else the CPU.
 - dtype "auto": bfloat16 on CUDA (what Flux.1 is trained and served in; half the memory of float32
   and the tensor cores' rate), float32 on a CPU (bf16 matmuls there are slower and round more).
+- CPU threads: the model's math on a CPU runs at `MODEL_CPU_THREADS` intra-op threads, whatever the
+  worker reserves (`pool.cpus_per_worker`). CPU matmul and convolution kernels split their
+  reductions by thread count, so another count changes the numbers (by about 1e-6 per value, which
+  moves some 8-bit pixels by one); one fixed count keeps a result independent of the pool's shape
+  (docs/reliability.md gives what it costs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -68,6 +75,21 @@ def missing_builtin(name: str, folder: Path) -> str:
 
 MODELS = builtin_models_folder()
 WEIGHTS = WeightFolders(reference=str(MODELS / "reference"), taef2=str(MODELS / "taef2"))
+
+
+MODEL_CPU_THREADS = 1
+
+
+@contextlib.contextmanager
+def model_cpu_threads() -> Iterator[None]:
+    """Run a model's CPU math at MODEL_CPU_THREADS (torch's thread count is per process, so an
+    in-process model sets it around its calls and restores the caller's afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(MODEL_CPU_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def model_device() -> torch.device:
