@@ -1,19 +1,29 @@
-"""Writing a job's files: PNG images, JSON, safetensors checkpoints. Writes are atomic (a temporary
-file then `os.replace`), so an interrupted job never leaves half a file for a resume to trip on."""
+"""Writing a job's files: PNG images, JSON, checkpoints. Writes are atomic (a temporary file then
+`os.replace`), so an interrupted job never leaves half a file for a resume to trip on.
+
+A checkpoint carries the fingerprint of the job that wrote it (runner/fingerprint.py) and keeps the
+one it replaces as `<name>.prev`; reading one that is damaged (truncated by a full disk, corrupted
+in a copy) raises DamagedFileError, and the caller sets it aside (`set_aside`: renamed, never
+deleted) and falls back to the previous one (runner/context.py).
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import pickle
 import tempfile
+import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from core.eval.pictures import to_uint8
@@ -75,26 +85,93 @@ def write_json(path: Path, data: Any) -> None:
     _atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+FINGERPRINT_KEY = "__fingerprint__"  # beside a state's own keys (runner/fingerprint.py)
+PREVIOUS = ".prev"
+
+
+class DamagedFileError(Exception):
+    """A checkpoint that exists but cannot be read (truncated, corrupt, not the format)."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A checkpoint as read back: its contents and the fingerprint of the job that wrote it."""
+
+    contents: dict[str, Any]
+    fingerprint: dict[str, Any] | None
+
+
+def previous(path: Path) -> Path:
+    """The checkpoint one save before `path` (kept so a damaged newest one costs one interval)."""
+    return path.with_name(path.name + PREVIOUS)
+
+
+def _replace_keeping_previous(path: Path, write) -> None:
+    """Write atomically, and keep the file being replaced as `previous(path)`."""
+
+    def write_then_keep(tmp: str) -> None:
+        write(tmp)
+        if path.exists():
+            os.replace(path, previous(path))
+
+    _atomic(path, write_then_keep)
+
+
+def write_tensors(path: Path, tensors: Mapping[str, torch.Tensor], fingerprint: dict | None = None) -> None:
     plain = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(path, lambda tmp: save_file(plain, tmp))
+    metadata = None if fingerprint is None else {FINGERPRINT_KEY: json.dumps(fingerprint, sort_keys=True)}
+    _replace_keeping_previous(path, lambda tmp: save_file(plain, tmp, metadata=metadata))
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor] | None:
-    return load_file(str(path)) if path.is_file() else None
-
-
-def write_state(path: Path, state: Mapping[str, Any]) -> None:
-    """A state_dict() (nested tensors, numbers, strings, lists, dicts) as a torch file, atomically."""
-    _atomic(path, lambda tmp: torch.save(dict(state), tmp))
-
-
-def read_state(path: Path) -> dict[str, Any] | None:
-    """A state written by write_state, or None when there is none. weights_only: nothing but
-    tensors and plain containers is unpickled, so a checkpoint file cannot run code."""
+def read_tensors(path: Path) -> Stored | None:
+    """A safetensors checkpoint with its fingerprint (None when the file has none), or None when
+    there is no file; DamagedFileError when it cannot be read."""
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DamagedFileError(f"{type(err).__name__}: {err}") from None
+    stamp = metadata.get(FINGERPRINT_KEY)
+    return Stored(tensors, json.loads(stamp) if stamp else None)
+
+
+def write_state(path: Path, state: Mapping[str, Any], fingerprint: dict | None = None) -> None:
+    """A state_dict() (nested tensors, numbers, strings, lists, dicts) as a torch file, atomically, with
+    the writing job's fingerprint under FINGERPRINT_KEY."""
+    if FINGERPRINT_KEY in state:
+        raise ValueError(f"a state_dict may not use the key {FINGERPRINT_KEY!r} (the runner's)")
+    data = dict(state) if fingerprint is None else {**state, FINGERPRINT_KEY: fingerprint}
+    _replace_keeping_previous(path, lambda tmp: torch.save(data, tmp))
+
+
+def read_state(path: Path) -> Stored | None:
+    """A state written by write_state, or None when there is none; DamagedFileError when the file
+    cannot be read. weights_only: nothing but tensors and plain containers is unpickled, so a
+    checkpoint file cannot run code."""
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise DamagedFileError(f"{type(err).__name__}: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise DamagedFileError(f"holds a {type(data).__name__}, not a state dict")
+    stamp = data.pop(FINGERPRINT_KEY, None)
+    return Stored(data, stamp)
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a file that must not be used (never delete it): `<name>.<why>`, or `<name>.<why>-N`."""
+    target = path.with_name(f"{path.name}.{why}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{why}-{n}")
+    os.replace(path, target)
+    return target
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -118,6 +195,9 @@ def read_image(path: str | Path) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except OSError as err:  # a damaged file: name it (the runner's pre-flight decodes inputs first)
+        raise ValueError(f"image {str(path)!r} cannot be decoded: {err}") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255).unsqueeze(0)

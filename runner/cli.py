@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resolved job and its sweep, check the inputs, and exit",
     )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace another job's files in the output (kept in attempts/)",
+    )
+    run.add_argument("--allow-large", action="store_true", help="run a job above the pixel budget")
     submit = sub.add_parser("submit", help="submit a job to a cluster through the Ray Jobs API")
     submit.add_argument("job")
     submit.add_argument("overrides", nargs="*")
@@ -117,12 +123,13 @@ def _run(args) -> int:
         os.environ["RAY_ADDRESS"] = address.value
     from runner.run import main_run
 
+    checks = {"overwrite": args.overwrite, "allow_large": args.allow_large}
     if not is_uri(job.runner.output):
-        return main_run(args.job, args.overrides)
+        return main_run(args.job, args.overrides, **checks)
     location = parse_location(job.runner.output)
     with StagedOutput(location) as staged:
         print(f"[storage] {location.uri} staged in {staged.folder}", flush=True)
-        code = main_run(args.job, [*args.overrides, f"output={staged.folder}"])
+        code = main_run(args.job, [*args.overrides, f"output={staged.folder}"], **checks)
     print(f"[storage] results in {location.uri} ({len(staged.files)} files)", flush=True)
     return code
 

@@ -1,11 +1,17 @@
-"""The runner's side of `tasks.context`: a job's artifacts, and its model pool (Ray or in-process)."""
+"""The runner's side of `tasks.context`: a job's artifacts, and its model pool (Ray or in-process).
+
+Checkpoints go through here, so every task gets the runner's resume rules without code of its own:
+a state is written with the job's fingerprint (runner/fingerprint.py) and read back only when the
+fingerprint matches; a damaged file, or one from a job that differed, is set aside (renamed) and
+recorded, and the previous checkpoint, or a fresh start, takes its place (docs/reliability.md).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +27,8 @@ from core.vae.lockstep import in_process, run_tiled
 from core.vae.tiled import VaeOp, plan_tiles
 from runner import artifacts
 from runner.distill.serving import ServedStudents, StudentsServing, add_counters
+from runner.fingerprint import Fingerprint
+from runner.models import model_cpu_threads
 from runner.tracking import Tracker
 from tasks.distill_attention import AttentionConfig
 
@@ -33,16 +41,34 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class JobArtifacts:
-    """Files under the output folder, the job record (job.json), timings, progress lines and metrics."""
+    """Files under the output folder, the job record (job.json), timings, progress lines and metrics.
 
-    def __init__(self, output: Path, tracker: Tracker | None = None, stream=None) -> None:
+    fingerprint: the job's (runner/fingerprint.py); checkpoints are stamped with it and only a
+      matching one is resumed. None (a task driven directly, in tests) stamps and checks nothing.
+    on_checkpoint: called after each checkpoint is written (the runner rewrites job.json then, so a
+      killed driver leaves a record of how far it got).
+    """
+
+    def __init__(
+        self,
+        output: Path,
+        tracker: Tracker | None = None,
+        stream=None,
+        *,
+        fingerprint: Fingerprint | None = None,
+    ) -> None:
         self.output = Path(output)
         self.output.mkdir(parents=True, exist_ok=True)
         self.tracker = tracker
         self.stream = stream or sys.stdout
+        self.fingerprint = fingerprint
+        self.on_checkpoint: Callable[[], None] | None = None
         self.records: dict[str, Any] = {}
         self.fallbacks: list[dict] = []
         self.timings: dict[str, float] = {}
+        self.set_aside: list[dict] = []  # checkpoints that were not used, and why
+        self.checkpoints: dict[str, dict] = {}  # name -> when it was last written, at which progress
+        self.last_progress: dict[str, Any] | None = None
         self._progress_start: dict[str, tuple[float, int]] = {}
 
     def path(self, name: str) -> Path:
@@ -70,19 +96,61 @@ class JobArtifacts:
         artifacts.write_json(self.path(name), data)
         return name
 
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _stamp(self) -> dict | None:
+        return None if self.fingerprint is None else self.fingerprint.as_dict()
+
     def save_tensors(self, name: str, tensors: Mapping[str, torch.Tensor]) -> str:
-        artifacts.write_tensors(self.path(name), tensors)
+        artifacts.write_tensors(self.path(name), tensors, self._stamp())
+        self._saved(name)
         return name
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor] | None:
-        return artifacts.read_tensors(self.path(name))
+        return self._load(name, artifacts.read_tensors)
 
     def save_state(self, name: str, state: Mapping[str, Any]) -> str:
-        artifacts.write_state(self.path(name), state)
+        artifacts.write_state(self.path(name), state, self._stamp())
+        self._saved(name)
         return name
 
     def load_state(self, name: str) -> dict[str, Any] | None:
-        return artifacts.read_state(self.path(name))
+        return self._load(name, artifacts.read_state)
+
+    def _saved(self, name: str) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.checkpoints[name] = {"time": now, "progress": self.last_progress}
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()
+
+    def _load(self, name: str, read: Callable[[Path], artifacts.Stored | None]) -> Any:
+        """The newest usable checkpoint under `name`: the file, else the one it replaced; a file that
+        is damaged or stamped by a job that differed is set aside and recorded."""
+        path = self.path(name)
+        for candidate in (path, artifacts.previous(path)):
+            try:
+                stored = read(candidate)
+            except artifacts.DamagedFileError as err:
+                self._set_aside(candidate, "damaged", str(err))
+                continue
+            if stored is None:
+                continue
+            fp = self.fingerprint
+            if fp is not None and (stored.fingerprint or {}).get("digest") != fp.digest:
+                differs = ", ".join(fp.differences(stored.fingerprint))
+                self._set_aside(candidate, "stale", f"written by a job that differed in: {differs}")
+                continue
+            if candidate != path:
+                self.record_fallback(
+                    "previous checkpoint", f"{name} was not usable; resuming from the one before it"
+                )
+            return stored.contents
+        return None
+
+    def _set_aside(self, path: Path, why: str, reason: str) -> None:
+        moved = artifacts.set_aside(path, why)
+        rel = lambda p: str(p.relative_to(self.output.resolve()))  # noqa: E731
+        self.set_aside.append({"file": rel(path), "moved_to": rel(moved), "reason": reason})
+        self.record_fallback(f"checkpoint set aside ({why})", f"{rel(path)} -> {rel(moved)}: {reason}")
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         if self.tracker is not None:
@@ -103,6 +171,7 @@ class JobArtifacts:
         eta = (total - done) / steps_rate if steps_rate and np.isfinite(steps_rate) else float("nan")
         line = f"[{label}] {done}/{total} | {count} {unit} | {rate:.2f} {unit}/s | ETA {_fmt_duration(eta)}"
         print(line, file=self.stream, flush=True)
+        self.last_progress = {"label": label, "done": done, "total": total, "count": count, "unit": unit}
 
     def record(self, key: str, value: Any) -> None:
         self.records[key] = value
@@ -154,12 +223,15 @@ class LocalModelPool:
 
     def evaluate(self, views: Sequence[ViewInput]) -> list[torch.Tensor]:
         start = time.perf_counter()
-        if self.served is None:
-            out = evaluate_in_process(self.model.backbone, self.cond(), views, max_batch=self.max_batch)
-        else:
-            with self.served.routed(self.model.backbone.transformer):  # type: ignore[attr-defined]
+        with model_cpu_threads():
+            if self.served is None:
                 out = evaluate_in_process(self.model.backbone, self.cond(), views, max_batch=self.max_batch)
-            add_counters(self.attention, self.served.take_counters())
+            else:
+                with self.served.routed(self.model.backbone.transformer):  # type: ignore[attr-defined]
+                    out = evaluate_in_process(
+                        self.model.backbone, self.cond(), views, max_batch=self.max_batch
+                    )
+                add_counters(self.attention, self.served.take_counters())
         self.model_s += time.perf_counter() - start
         self.views += len(views)
         return out
@@ -172,10 +244,12 @@ class LocalModelPool:
 
     def _vae(self, op: VaeOp, tensor: torch.Tensor, tile: int) -> torch.Tensor:
         vae = self.model.vae
-        if not tile:
-            with torch.no_grad():
-                return vae.encode(tensor) if op == "encode" else vae.decode(tensor)
-        result = run_tiled(plan_tiles(op, tensor.shape, self.meta.vae, tile_px=tile), tensor, in_process(vae))
+        with model_cpu_threads():
+            if not tile:
+                with torch.no_grad():
+                    return vae.encode(tensor) if op == "encode" else vae.decode(tensor)
+            plan = plan_tiles(op, tensor.shape, self.meta.vae, tile_px=tile)
+            result = run_tiled(plan, tensor, in_process(vae))
         self.vae_rounds += result.rounds
         return result.output
 

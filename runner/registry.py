@@ -24,8 +24,16 @@ class TaskEntry:
     needs: "pool" (views fanned out to model workers) or "device" (one process that owns a GPU).
     check: "" or a function of the config that checks what needs the filesystem (inputs exist and
       are usable) before any work starts; it raises ValueError or FileNotFoundError naming the field.
-    inputs: the config fields that name input files or folders (top-level string fields, "" = none
-      given); `tessera submit` checks and uploads them with the job (runner/jobs.py).
+    inputs: the config fields that name input files or folders (dotted for nested fields; "" = none
+      given); `tessera submit` checks and uploads them with the job (runner/package.py); every
+      image among them is decoded in full before any work starts, and their bytes are part of
+      the job's fingerprint (runner/fingerprint.py).
+    models: config fields holding a ModelSpec; weights: the repository's weight folders the task
+      loads itself (runner.models.WEIGHTS fields); both identify the weights in the fingerprint.
+    artifact_settings: config fields that only choose which files are written (never a number), left
+      out of the fingerprint.
+    estimate: "" or a function of the config returning a runner.estimate.Estimate (the size of the
+      job, checked against the pixel budget before any work starts).
     runner: "" or a "module:function(job, artifacts) -> (result, pool summary)" that runs a pool task
       with a context of its own (distillation) instead of the model pool's.
     """
@@ -36,6 +44,10 @@ class TaskEntry:
     needs: Literal["pool", "device"]
     check: str = ""
     inputs: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    weights: tuple[str, ...] = ()
+    artifact_settings: tuple[str, ...] = ()
+    estimate: str = ""
     runner: str = ""
 
     def config_cls(self) -> type:
@@ -46,6 +58,9 @@ class TaskEntry:
 
     def check_fn(self) -> Callable[[Any], None] | None:
         return _resolve(self.check) if self.check else None
+
+    def estimate_fn(self) -> Callable[[Any], Any] | None:
+        return _resolve(self.estimate) if self.estimate else None
 
     def runner_fn(self) -> Callable[[Any, Any], tuple[Any, dict]] | None:
         return _resolve(self.runner) if self.runner else None
@@ -58,7 +73,10 @@ TASKS: dict[str, TaskEntry] = {
         run="tasks.upscale:run",
         needs="pool",
         check="tasks.upscale_config:check",
-        inputs=("image", "mask"),
+        inputs=("image", "mask", "outputs.reference", "model.prompt_embeds"),
+        models=("model",),
+        artifact_settings=("outputs",),
+        estimate="runner.estimate:upscale",
     ),
     "generate": TaskEntry(
         "generate",
@@ -79,5 +97,6 @@ TASKS: dict[str, TaskEntry] = {
         run="tasks.train_reference:run",
         needs="device",
         inputs=("train_dir", "eval_dir"),
+        weights=("taef2",),
     ),
 }

@@ -6,9 +6,10 @@ that produced it. A resumed job plans its phases from the config again, loads th
 on from `next_phase`: the plan is a pure function of the config and the inputs, so it continues
 exactly where an uninterrupted run would be.
 
-The fingerprint covers the whole config except `outputs` (artifacts never change the numbers). It
-does not cover the input image's bytes or the model's weights; `config_fingerprint` is the one
-place to add them.
+The fingerprint covers the whole config except `outputs` (artifacts never change the numbers). The
+input image's bytes, the model's weights and the code are covered by the runner, which stamps every
+checkpoint with the job's whole fingerprint and sets aside one of a job that differed before the
+task sees it (docs/reliability.md).
 """
 
 from __future__ import annotations

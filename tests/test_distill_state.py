@@ -19,7 +19,8 @@ def layer(key: str, *, loss: float, ema: float | None, ready: bool) -> LayerRepo
     return LayerReport(
         key=key, group=0, updates=10, new_updates=4, train_captures=2, val_captures=1, loss=loss,
         smooth_l1=loss / 2, cosine_distance=0.02, nmse=0.1, gate=0.1, mean_loss=loss,
-        val_cosine_distance=ema, val_nmse=0.2, ema_cosine_distance=ema, ready=ready, may_serve=ready, skipped=0,
+        val_cosine_distance=ema, val_nmse=0.2, ema_cosine_distance=ema, ready=ready, may_serve=ready,
+        skipped=0,
         ladder=[], train_s=0.1,
     )  # fmt: skip
 

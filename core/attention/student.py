@@ -42,6 +42,7 @@ from core.attention.config import STUDENT_FORMAT, StudentConfig
 from core.attention.gate import adaptive_alpha, disagreement, mix_branches, normalised_disagreement
 from core.attention.geometry import TokenGeometry
 from core.attention.kernel import FeatureMap, KernelState, kernel_readout, kernel_state
+from core.attention.kernels.dispatch import fused_applies
 from core.attention.landmarks import landmark_attention, landmark_count, landmark_grid, landmark_indices
 from core.attention.local import local_attention, local_attention_at
 
@@ -125,6 +126,10 @@ class Student(nn.Module):
         full forward (to fp32 rounding): no part of a query's output depends on the other queries.
         """
         self._check_shapes(q, k, v, geometry, query_index)
+        if query_index is None and fused_applies(self.config, q, k, v):  # GPU kernels, tested against this
+            from core.attention.kernels.fused_student import fused_forward  # imports Triton
+
+            return fused_forward(self, q, k, v, geometry, sigma, cfg)
         qf, kf, vf = q.float(), k.float(), v.float()
         state = kernel_state(kf, vf, self.phi_k)
         br = self.branches(qf, kf, vf, geometry, query_index, state)

@@ -43,7 +43,7 @@ from core.rope.spec import RopeSpec
 from core.vae.lockstep import TileGroup, TileInput, VaeRound
 from core.vae.tiled import Reply, VaeOp, move
 from runner.distill.serving import ServedStudents
-from runner.models import load_model, model_device
+from runner.models import MODEL_CPU_THREADS, load_model, model_device
 from runner.pool.activity import Activity, watch
 from runner.pool.placement import WorkerResources, model_name, spec_difference
 from runner.pool.transport import WireTensor, from_wire, to_wire
@@ -144,7 +144,7 @@ class ModelWorker:
         self.identity = identity
         self.device = model_device()
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, cpu_threads))
+            torch.set_num_threads(MODEL_CPU_THREADS)  # not cpu_threads: numbers must not depend on it
         elif gpu_memory_fraction < 1.0:
             torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction)
         self.spec: ModelSpec | None = None
