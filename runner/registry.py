@@ -83,12 +83,16 @@ TASKS: dict[str, TaskEntry] = {
         config="tasks.generate_config:GenerateConfig",
         run="tasks.generate:run",
         needs="pool",
+        inputs=("model.prompt_embeds",),
+        models=("model",),
     ),
     "distill": TaskEntry(
         "distill",
         config="tasks.distill_config:DistillConfig",
         run="tasks.distill:run",
         needs="pool",
+        inputs=("model.prompt_embeds",),
+        models=("model",),
         runner="runner.distill.job:run_distill",
     ),
     "train_reference": TaskEntry(

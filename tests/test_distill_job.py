@@ -22,6 +22,7 @@ import yaml
 from runner.config import load_job
 from runner.context import JobArtifacts
 from runner.distill.bundle import load_bundle
+from runner.fingerprint import job_fingerprint
 from runner.pool.lifecycle import stop_workers
 from runner.pool.pool import connect_pool
 from runner.pool.worker import ModelWorker
@@ -121,7 +122,8 @@ def test_resume_equals_uninterrupted(runs):
     from runner.distill.job import run_distill
 
     with pytest.raises(Preempted):
-        run_distill(job, PreemptedArtifacts(Path(job.runner.output), stream=quiet()))
+        arts = PreemptedArtifacts(Path(job.runner.output), stream=quiet(), fingerprint=job_fingerprint(job))
+        run_distill(job, arts)  # stamped as the runner stamps it, so the resumed job accepts it
     [outcome] = run_job(path, stream=quiet())
     assert outcome.record["records"]["resumed_at_run"] == 2  # checkpoint_every: 2
     assert outcome.result.rows == out[2].result.rows
