@@ -34,6 +34,8 @@ class TaskEntry:
       out of the fingerprint.
     estimate: "" or a function of the config returning a runner.estimate.Estimate (the size of the
       job, checked against the pixel budget before any work starts).
+    runner: "" or a "module:function(job, artifacts) -> (result, pool summary)" that runs a pool task
+      with a context of its own (distillation) instead of the model pool's.
     """
 
     name: str
@@ -46,6 +48,7 @@ class TaskEntry:
     weights: tuple[str, ...] = ()
     artifact_settings: tuple[str, ...] = ()
     estimate: str = ""
+    runner: str = ""
 
     def config_cls(self) -> type:
         return _resolve(self.config)
@@ -59,6 +62,9 @@ class TaskEntry:
     def estimate_fn(self) -> Callable[[Any], Any] | None:
         return _resolve(self.estimate) if self.estimate else None
 
+    def runner_fn(self) -> Callable[[Any, Any], tuple[Any, dict]] | None:
+        return _resolve(self.runner) if self.runner else None
+
 
 TASKS: dict[str, TaskEntry] = {
     "upscale": TaskEntry(
@@ -71,6 +77,23 @@ TASKS: dict[str, TaskEntry] = {
         models=("model",),
         artifact_settings=("outputs",),
         estimate="runner.estimate:upscale",
+    ),
+    "generate": TaskEntry(
+        "generate",
+        config="tasks.generate_config:GenerateConfig",
+        run="tasks.generate:run",
+        needs="pool",
+        inputs=("model.prompt_embeds",),
+        models=("model",),
+    ),
+    "distill": TaskEntry(
+        "distill",
+        config="tasks.distill_config:DistillConfig",
+        run="tasks.distill:run",
+        needs="pool",
+        inputs=("model.prompt_embeds",),
+        models=("model",),
+        runner="runner.distill.job:run_distill",
     ),
     "train_reference": TaskEntry(
         "train_reference",

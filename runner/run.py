@@ -257,6 +257,8 @@ class JobRecord:
             "fallbacks": arts.fallbacks + pool_fallbacks(summary),
             "result": summarize(self.result),
         }
+        if "attention" in summary:  # which layers served students, and how many calls fell back
+            record["attention"] = summary["attention"]
         if status != "running":
             finish(record, arts)
         arts.save_json("job.json", record)
@@ -350,11 +352,18 @@ def _run_pool_task(job: Job, arts: JobArtifacts, record: JobRecord) -> Any:
     from runner.pool.pool import connect_pool
     from runner.pool.ray_pool import RayModelPool
 
+    own = job.task.runner_fn()
+    if own is not None:  # a pool task with its own context (task: distill)
+        result, record.pool_summary = own(job, arts)
+        return result
     with arts.timer("pool_connect"):
         pool = connect_pool(job.runner.pool, job.config.model)
     arts.fingerprint = arts.fingerprint.with_numerics(devices=device_kinds(pool.infos))
     model_pool = RayModelPool(pool, job.runner.pool)
     try:
+        attention = getattr(job.config, "attention", None)
+        if attention is not None:  # students served to this job's forwards (tasks/distill_attention.py)
+            model_pool.serve_students(attention)
         return job.task.run_fn()(job.config, JobContext(arts, model_pool))
     finally:
         try:

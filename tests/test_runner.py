@@ -149,10 +149,10 @@ def test_oom_shrinks_the_batch_and_is_reported():
     worker.spec, worker.model = TINY, load_model(TINY, "cpu")
     real = worker.model.backbone.velocity
 
-    def limited(x, sigma, cond, rope=None):
+    def limited(x, sigma, cond, rope=None, **ids):
         if x.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(x, sigma, cond, rope)
+        return real(x, sigma, cond, rope, **ids)
 
     worker.model.backbone.velocity = limited
     worker.set_cond("j", worker.make_cond())
@@ -163,7 +163,7 @@ def test_oom_shrinks_the_batch_and_is_reported():
     with torch.no_grad():
         torch.testing.assert_close(from_wire(result.v), real(x, sigma, worker.conds["j"]), rtol=0, atol=1e-5)
 
-    def never(x, sigma, cond, rope=None):
+    def never(x, sigma, cond, rope=None, **ids):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     worker.model.backbone.velocity = never
@@ -184,13 +184,13 @@ def test_oom_split_frees_the_failed_forward_first():
     failed: list[weakref.ref] = []
     alive_during_halves: list[bool] = []
 
-    def limited(x, sigma, cond, rope=None):
+    def limited(x, sigma, cond, rope=None, **ids):
         if x.shape[0] > 2:
             activation = torch.empty(x.shape[0], 1024)  # what a real forward holds when it fails
             failed.append(weakref.ref(activation))
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         alive_during_halves.extend(ref() is not None for ref in failed)
-        return real(x, sigma, cond, rope)
+        return real(x, sigma, cond, rope, **ids)
 
     worker.model.backbone.velocity = limited
     worker.set_cond("j", worker.make_cond())
