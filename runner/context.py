@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.attention.counters import RouteCounters
 from core.models.backbone import Cond
 from core.models.forward import evaluate_in_process
 from core.models.loading import LoadedModel
@@ -19,7 +20,9 @@ from core.tiling.views import ViewInput
 from core.vae.lockstep import in_process, run_tiled
 from core.vae.tiled import VaeOp, plan_tiles
 from runner import artifacts
+from runner.distill.serving import ServedStudents, StudentsServing, add_counters
 from runner.tracking import Tracker
+from tasks.distill_attention import AttentionConfig
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -132,6 +135,17 @@ class LocalModelPool:
         self.model_s = 0.0
         self.views = 0
         self.vae_rounds = 0
+        self.served: ServedStudents | None = None
+        self.serving: StudentsServing | None = None
+        self.attention = RouteCounters()
+
+    def serve_students(self, attention: AttentionConfig) -> tuple[str, ...]:
+        """Route this pool's forwards through the students of `attention` (as the workers do)."""
+        self.serving = StudentsServing.check(attention)
+        transformer = self.model.backbone.transformer  # type: ignore[attr-defined]
+        self.served = ServedStudents(attention, transformer, next(transformer.parameters()).device)
+        self.serving.routed = self.served.layers
+        return self.served.layers
 
     def cond(self) -> Cond:
         if self._cond is None:
@@ -140,7 +154,12 @@ class LocalModelPool:
 
     def evaluate(self, views: Sequence[ViewInput]) -> list[torch.Tensor]:
         start = time.perf_counter()
-        out = evaluate_in_process(self.model.backbone, self.cond(), views, max_batch=self.max_batch)
+        if self.served is None:
+            out = evaluate_in_process(self.model.backbone, self.cond(), views, max_batch=self.max_batch)
+        else:
+            with self.served.routed(self.model.backbone.transformer):  # type: ignore[attr-defined]
+                out = evaluate_in_process(self.model.backbone, self.cond(), views, max_batch=self.max_batch)
+            add_counters(self.attention, self.served.take_counters())
         self.model_s += time.perf_counter() - start
         self.views += len(views)
         return out
@@ -166,6 +185,7 @@ class LocalModelPool:
             "model_s": round(self.model_s, 4),
             "vae_reduction_rounds": self.vae_rounds,
             "workers": [{"index": 0, "in_process": True}],
+            **({"attention": self.serving.record(self.attention)} if self.serving else {}),
         }
 
 

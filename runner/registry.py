@@ -54,6 +54,12 @@ TASKS: dict[str, TaskEntry] = {
         check="tasks.upscale_config:check",
         inputs=("image", "mask"),
     ),
+    "generate": TaskEntry(
+        "generate",
+        config="tasks.generate_config:GenerateConfig",
+        run="tasks.generate:run",
+        needs="pool",
+    ),
     "train_reference": TaskEntry(
         "train_reference",
         config="tasks.train_reference:TrainReferenceConfig",

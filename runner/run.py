@@ -146,6 +146,8 @@ def _run_one(job: Job, stream, driver: dict, *, coords: dict | None = None) -> J
             record["timings"]["in_model_s"] = pool_summary.get("model_s")
             record["timings"]["dispatch_overhead_s"] = pool_summary.get("dispatch_overhead_s")
         record["pool"] = pool_summary
+        if "attention" in pool_summary:  # which layers served students, and how many calls fell back
+            record["attention"] = pool_summary["attention"]
         record["records"] = arts.records
         record["fallbacks"] = arts.fallbacks + pool_fallbacks(pool_summary)
         record["result"] = summarize(result)
@@ -193,6 +195,9 @@ def _run_pool_task(job: Job, arts: JobArtifacts) -> tuple[Any, dict]:
     model_pool = RayModelPool(pool, job.runner.pool)
     ctx = JobContext(arts, model_pool)
     try:
+        attention = getattr(job.config, "attention", None)
+        if attention is not None:  # students served to this job's forwards (tasks/distill_attention.py)
+            model_pool.serve_students(attention)
         result = job.task.run_fn()(job.config, ctx)
     finally:
         summary = model_pool.summary()

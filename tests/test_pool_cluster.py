@@ -46,12 +46,12 @@ class BlockOnce(ModelWorker):
     AT = 4
     MARKER = ""
 
-    def velocity(self, job, x, sigma, rope):
+    def velocity(self, job, x, sigma, rope, *ids):
         self.calls = getattr(self, "calls", 0) + 1
         if self.calls == self.AT and not os.path.exists(self.MARKER):
             Path(self.MARKER).write_text(ray.get_runtime_context().get_node_id())
             time.sleep(3600)
-        return super().velocity(job, x, sigma, rope)
+        return super().velocity(job, x, sigma, rope, *ids)
 
 
 @pytest.fixture(scope="module")

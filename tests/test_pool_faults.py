@@ -61,9 +61,9 @@ class SelfKilling(ModelWorker):
             Path(self.MARKER).write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def velocity(self, job, x, sigma, rope):
+    def velocity(self, job, x, sigma, rope, *ids):
         self._count("velocity")
-        return super().velocity(job, x, sigma, rope)
+        return super().velocity(job, x, sigma, rope, *ids)
 
     def vae_advance(self, job, pass_id, reply):
         self._count("vae_advance")
@@ -81,10 +81,10 @@ class Poisoned(ModelWorker):
 
     POISON = 0.123
 
-    def velocity(self, job, x, sigma, rope):
+    def velocity(self, job, x, sigma, rope, *ids):
         if (sigma.array == self.POISON).any():
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().velocity(job, x, sigma, rope)
+        return super().velocity(job, x, sigma, rope, *ids)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 For a global branch b (kernel or landmark) and the local base a, per (batch, head, query i):
 
     delta_i = 1 - cos(a_i, b_i)                          disagreement, without gradient
-    dbar_i  = min(delta_i / mean_j delta_j, 3) / 3       in [0, 1], mean over the image queries
+    dbar_i  = min(delta_i / mean_j delta_j, 3) / 3       in [0, 1]
     alpha_i = alpha_max sigmoid(l + gamma (dbar_i - 1/2))
 
 with a learned logit l and slope gamma per head (the adaptive gate of the TTR student; LoLCATs,
@@ -14,6 +14,10 @@ output is the convex combination
 
 Each alpha lies in [0, alpha_max] with alpha_max <= 1/2, so the local weight is at least 0 and the
 weights sum to 1: y stays in the convex hull of the three branch outputs, whatever the gates learn.
+
+The mean runs over a reference set of positions j. The student (core/attention/student.py) takes it
+over fixed probes that depend only on the keys, so that a query's gate does not depend on which
+other queries are evaluated with it.
 """
 
 from __future__ import annotations
@@ -24,14 +28,24 @@ import torch.nn.functional as F
 DISAGREEMENT_CAP = 3.0
 
 
-def normalised_disagreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def disagreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """delta = 1 - cos(a, b) over the last dim: [B, H, N] from a, b [B, H, N, d] (no gradient)."""
+    with torch.no_grad():
+        return 1.0 - F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+def normalised_disagreement(
+    a: torch.Tensor, b: torch.Tensor, mean: torch.Tensor | None = None
+) -> torch.Tensor:
     """dbar [B, H, N] in [0, 1] from outputs a, b [B, H, N, d] (no gradient).
 
-    Where every delta of a (batch, head) is 0 (identical branches) dbar is 0.
+    mean: the reference mean disagreement [B, H, 1]; None takes it over the N positions of a and b.
+    Where the mean of a (batch, head) is 0 (identical branches) dbar is 0.
     """
     with torch.no_grad():
-        delta = 1.0 - F.cosine_similarity(a.float(), b.float(), dim=-1)  # [B, H, N]
-        mean = delta.mean(dim=-1, keepdim=True)
+        delta = disagreement(a, b)  # [B, H, N]
+        if mean is None:
+            mean = delta.mean(dim=-1, keepdim=True)
         ratio = torch.where(mean > 0, delta / mean.clamp_min(torch.finfo(delta.dtype).tiny), 0.0)
         return ratio.clamp(max=DISAGREEMENT_CAP) / DISAGREEMENT_CAP
 

@@ -58,6 +58,49 @@ class KernelOutput(NamedTuple):
     min_denominator: torch.Tensor  # 0-d fp32: the smallest phi_q(q).z before the eps floor
 
 
+class KernelState(NamedTuple):
+    """The keys' summary, fp32: KV = sum_j phi_k(k_j) v_j^T [B, H, F, d], z = sum_j phi_k(k_j) [B, H, F]."""
+
+    kv: torch.Tensor
+    z: torch.Tensor
+
+
+def kernel_state(
+    k: torch.Tensor, v: torch.Tensor, phi_k: nn.Module, *, key_chunk: int = KEY_CHUNK
+) -> KernelState:
+    """KV and z over the keys k and values v [B, H, Nk, d], accumulated over key chunks in fp32."""
+    kv: torch.Tensor | None = None
+    z: torch.Tensor | None = None
+    for s in range(0, k.shape[2], key_chunk):
+        fk = phi_k(k[:, :, s : s + key_chunk])  # [B, H, c, F] fp32
+        vc = v[:, :, s : s + key_chunk].float()  # [B, H, c, d]
+        kv_c = fk.transpose(-1, -2) @ vc  # [B, H, F, d]
+        z_c = fk.sum(dim=2)  # [B, H, F]
+        kv = kv_c if kv is None else kv + kv_c
+        z = z_c if z is None else z + z_c
+    if kv is None or z is None:
+        raise ValueError("kernel attention needs at least one key")
+    return KernelState(kv, z)
+
+
+def kernel_readout(
+    q: torch.Tensor,
+    state: KernelState,
+    phi_q: nn.Module,
+    *,
+    eps: float = EPS,
+    query_chunk: int = QUERY_CHUNK,
+) -> KernelOutput:
+    """y_i = phi_q(q_i)^T KV / max(phi_q(q_i)^T z, eps) for q [B, H, Nq, d], over query chunks -> fp32."""
+    outs, dens = [], []
+    for s in range(0, q.shape[2], query_chunk):
+        fq = phi_q(q[:, :, s : s + query_chunk])  # [B, H, c, F]
+        den = fq @ state.z.unsqueeze(-1)  # [B, H, c, 1]
+        outs.append((fq @ state.kv) / den.clamp_min(eps))
+        dens.append(den.min())
+    return KernelOutput(torch.cat(outs, dim=2), torch.stack(dens).min())
+
+
 def kernel_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -70,24 +113,9 @@ def kernel_attention(
     query_chunk: int = QUERY_CHUNK,
 ) -> KernelOutput:
     """Normalised kernel regression of q [B, H, N, d] over keys k and values v [B, H, Nk, d]."""
-    kv: torch.Tensor | None = None
-    z: torch.Tensor | None = None
-    for s in range(0, k.shape[2], key_chunk):
-        fk = phi_k(k[:, :, s : s + key_chunk])  # [B, H, c, F] fp32
-        vc = v[:, :, s : s + key_chunk].float()  # [B, H, c, d]
-        kv_c = fk.transpose(-1, -2) @ vc  # [B, H, F, d]
-        z_c = fk.sum(dim=2)  # [B, H, F]
-        kv = kv_c if kv is None else kv + kv_c
-        z = z_c if z is None else z + z_c
-    if kv is None or z is None:
-        raise ValueError("kernel attention needs at least one key")
-    outs, dens = [], []
-    for s in range(0, q.shape[2], query_chunk):
-        fq = phi_q(q[:, :, s : s + query_chunk])  # [B, H, c, F]
-        den = fq @ z.unsqueeze(-1)  # [B, H, c, 1]
-        outs.append((fq @ kv) / den.clamp_min(eps))
-        dens.append(den.min())
-    return KernelOutput(torch.cat(outs, dim=2).to(v.dtype), torch.stack(dens).min())
+    state = kernel_state(k, v, phi_k, key_chunk=key_chunk)
+    out = kernel_readout(q, state, phi_q, eps=eps, query_chunk=query_chunk)
+    return KernelOutput(out.out.to(v.dtype), out.min_denominator)
 
 
 def kernel_attention_reference(

@@ -14,6 +14,9 @@ Two formulations, tested against each other:
 - `local_attention`: a gather per query tile (its t^2 queries, the text keys and its window's keys,
   padded to a fixed width and masked), batched over chunks of tiles so memory stays bounded by
   `chunk_elements` instead of N x N. Everything runs in fp32.
+- `local_attention_at`: the same pattern for a subset of query positions (a distillation capture's
+  queries, or the gate's probes): each query gathers its own tile's window, so the cost is that of
+  the queries kept, not of the whole grid.
 """
 
 from __future__ import annotations
@@ -117,3 +120,52 @@ def local_attention(
         o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)  # [B, H c, t^2, d]
         out.index_copy_(2, qi.reshape(-1), o.reshape(b, h, c * slots, d))
     return out[:, :, :n].to(v.dtype)
+
+
+def local_attention_at(
+    q_sub: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    geometry: TokenGeometry,
+    positions: torch.Tensor,
+    *,
+    tile: int,
+    radius: int,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Local-window softmax of queries q_sub [B, H, Nq, d] sitting at sequence `positions` [Nq] over the
+    keys k, v [B, H, N, d] -> [B, H, Nq, d] fp32: row i equals local_attention(q)[:, :, positions[i]]
+    when q_sub[:, :, i] = q[:, :, positions[i]] (same window, same masked softmax)."""
+    b, h, nq, d = q_sub.shape
+    if k.shape[2] != geometry.n or positions.shape != (nq,):
+        raise ValueError(
+            f"local_attention_at needs k with geometry.n = {geometry.n} tokens and one position per query, "
+            f"got k {tuple(k.shape)}, q_sub {tuple(q_sub.shape)}, positions {tuple(positions.shape)}"
+        )
+    index = local_index(geometry, tile=tile, radius=radius)
+    positions = positions.to("cpu")
+    out = q_sub.new_empty((b, h, nq, d), dtype=torch.float32)
+    n_text, cols = geometry.n_text, geometry.cols
+    text = (positions < n_text).nonzero().flatten()
+    if len(text):
+        out[:, :, text.to(q_sub.device)] = F.scaled_dot_product_attention(
+            q_sub[:, :, text.to(q_sub.device)].float(), k.float(), v.float()
+        )
+    image = (positions >= n_text).nonzero().flatten()
+    pos = positions[image] - n_text
+    tiles_c = math.ceil(cols / tile)
+    tile_id = ((pos // cols) // tile) * tiles_c + (pos % cols) // tile  # [n_img_q]
+    key, key_valid = index.key[tile_id], index.key_valid[tile_id]  # [n_img_q, K]
+    width = key.shape[1]
+    chunk = max(1, chunk_elements // (b * h * (2 * width * d + width + d)))
+    for s in range(0, len(image), chunk):
+        rows = image[s : s + chunk].to(q_sub.device)
+        ki, kv_ok = key[s : s + chunk].to(k.device), key_valid[s : s + chunk].to(k.device)  # [c, K]
+        c = ki.shape[0]
+        qg = q_sub[:, :, rows].float().reshape(b, h * c, 1, d)
+        kg = k[:, :, ki].float().reshape(b, h * c, width, d)
+        vg = v[:, :, ki].float().reshape(b, h * c, width, d)
+        mask = kv_ok[None, :, None, :].expand(h, c, 1, width).reshape(1, h * c, 1, width)
+        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask)  # [B, H c, 1, d]
+        out[:, :, rows] = o.reshape(b, h, c, d)
+    return out

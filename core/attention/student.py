@@ -16,6 +16,14 @@ full-rank in the values but smooth; the landmark branch is exact softmax but low
 a failure of the other, and each has its own gate, driven by its disagreement with the local base.
 Text queries take the local branch only, which for them is exact softmax over every key.
 
+The gates normalise each query's disagreement by a reference mean. Taking it over all image queries
+would make a query's output depend on the other queries, and a distillation capture keeps only a
+subsample of the queries (with every key and value). So the reference is the mean disagreement of
+the branches at fixed probes, a 2-D grid of up to 64 image positions queried with their own keys:
+it depends on k, v and the geometry only, which a capture holds in full. The forward of a query
+subset (`query_index`) is therefore the full forward restricted to those rows, and the students
+trained on captures are the students that serve.
+
 Fail closed: `forward` reports which branches hold a non-finite value; a route then serves the
 teacher instead (core/attention/routes.py). Exceptions are not caught: they are bugs, not fallbacks.
 """
@@ -27,17 +35,17 @@ from dataclasses import asdict
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from core.attention.conditioner import Conditioner, modulate
 from core.attention.config import STUDENT_FORMAT, StudentConfig
-from core.attention.gate import adaptive_alpha, mix_branches, normalised_disagreement
+from core.attention.gate import adaptive_alpha, disagreement, mix_branches, normalised_disagreement
 from core.attention.geometry import TokenGeometry
-from core.attention.kernel import FeatureMap, kernel_attention
-from core.attention.landmarks import landmark_attention, landmark_count, landmark_indices
-from core.attention.local import local_attention
+from core.attention.kernel import FeatureMap, KernelState, kernel_readout, kernel_state
+from core.attention.landmarks import landmark_attention, landmark_count, landmark_grid, landmark_indices
+from core.attention.local import local_attention, local_attention_at
 
+GATE_PROBES = 64  # image positions whose keys probe the branches for the gates' reference disagreement
 GAMMA_INIT = 2.0  # slope of the gate in the disagreement (the TTR student's fixed gamma); learned here
 BRANCHES = ("local", "kernel", "landmark", "output")
 
@@ -74,12 +82,25 @@ class Student(nn.Module):
         self.conditioner = Conditioner()
 
     def branches(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, geometry: TokenGeometry
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        geometry: TokenGeometry,
+        query_index: torch.Tensor | None = None,
+        state: KernelState | None = None,
     ) -> Branches:
-        """The three branch outputs for fp32 q, k, v [B, H, N, d], before modulation and mixing."""
+        """The three branch outputs for fp32 queries q [B, H, Nq, d] at sequence positions `query_index`
+        ([Nq] int64; None: every position, Nq = N) over the full k, v [B, H, N, d], before modulation
+        and mixing. `state`: the kernel branch's key summary, if already computed for these k, v."""
         cfg = self.config
-        local = local_attention(q, k, v, geometry, tile=cfg.local_tile, radius=cfg.local_radius)
-        kernel = kernel_attention(q, k, v, self.phi_q, self.phi_k)
+        if query_index is None:
+            local = local_attention(q, k, v, geometry, tile=cfg.local_tile, radius=cfg.local_radius)
+        else:
+            local = local_attention_at(
+                q, k, v, geometry, query_index, tile=cfg.local_tile, radius=cfg.local_radius
+            )
+        kernel = kernel_readout(q, kernel_state(k, v, self.phi_k) if state is None else state, self.phi_q)
         m = landmark_count(
             geometry.n_img, fraction=cfg.landmark_fraction, minimum=cfg.landmark_min, maximum=cfg.landmark_max
         )
@@ -94,37 +115,87 @@ class Student(nn.Module):
         geometry: TokenGeometry,
         sigma: torch.Tensor,
         cfg: torch.Tensor,
+        *,
+        query_index: torch.Tensor | None = None,
     ) -> StudentOutput:
-        """q, k, v [B, H, N, d] (post-RoPE, text first), sigma and cfg [B] -> StudentOutput."""
-        expected = (self.config.heads, geometry.n, self.config.head_dim)
-        if tuple(q.shape[1:]) != expected or k.shape != q.shape or v.shape != q.shape:
-            raise ValueError(
-                f"student expects q, k, v [B, heads, n, head_dim] = [B, {expected[0]}, {expected[1]}, "
-                f"{expected[2]}], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-            )
-        br = self.branches(q.float(), k.float(), v.float(), geometry)
+        """q [B, H, Nq, d], k, v [B, H, N, d] (post-RoPE, text first), sigma and cfg [B] -> StudentOutput.
+
+        query_index: [Nq] int64 sequence positions of the rows of q (a distillation capture's query
+        subsample); None means every position. The output's row i equals row query_index[i] of the
+        full forward (to fp32 rounding): no part of a query's output depends on the other queries.
+        """
+        self._check_shapes(q, k, v, geometry, query_index)
+        qf, kf, vf = q.float(), k.float(), v.float()
+        state = kernel_state(kf, vf, self.phi_k)
+        br = self.branches(qf, kf, vf, geometry, query_index, state)
+        probes = gate_probes(geometry).to(k.device)
+        pb = self.branches(kf[:, :, probes], kf, vf, geometry, probes, state)
         mod = self.conditioner(sigma.reshape(-1), cfg.reshape(-1))
         kernel = modulate(br.kernel, mod.scale_kernel, mod.shift_kernel)
         landmark = modulate(br.landmark, mod.scale_landmark, mod.shift_landmark)
-        n_text = geometry.n_text
-        alpha_k = self._alpha(
-            br.local, kernel, self.logit_kernel, self.gamma_kernel, mod.logit_kernel, n_text
-        )
+        ref_k = disagreement(pb.local, modulate(pb.kernel, mod.scale_kernel, mod.shift_kernel))
+        ref_l = disagreement(pb.local, modulate(pb.landmark, mod.scale_landmark, mod.shift_landmark))
+        ref_k, ref_l = ref_k.mean(dim=-1, keepdim=True), ref_l.mean(dim=-1, keepdim=True)  # [B, H, 1]
+        positions = torch.arange(geometry.n) if query_index is None else query_index
+        image = (positions >= geometry.n_text).to(q.device)  # [Nq]: text queries take the local branch
+        alpha_k = self._alpha(br.local, kernel, self.logit_kernel, self.gamma_kernel, mod.logit_kernel, ref_k)
         alpha_l = self._alpha(
-            br.local, landmark, self.logit_landmark, self.gamma_landmark, mod.logit_landmark, n_text
+            br.local, landmark, self.logit_landmark, self.gamma_landmark, mod.logit_landmark, ref_l
         )
-        out = mix_branches(br.local, kernel, landmark, alpha_k, alpha_l)
+        zero = alpha_k.new_zeros(())
+        out = mix_branches(
+            br.local,
+            kernel,
+            landmark,
+            torch.where(image[:, None], alpha_k, zero),
+            torch.where(image[:, None], alpha_l, zero),
+        )
         # Every element of every branch enters the output through a product with a finite weight (0 x NaN
-        # and 0 x Inf are NaN), so a finite output means finite branches: one pass, one host sync, and
-        # the branches are inspected only to say which failed.
+        # and 0 x Inf are NaN), so a finite output and finite gate references mean finite branches: one
+        # pass, one host sync, and the branches are inspected only to say which failed.
         finite, min_den = torch.stack(
-            [torch.isfinite(out).all().float(), br.min_denominator.float()]
+            [
+                (
+                    torch.isfinite(out).all() & torch.isfinite(ref_k).all() & torch.isfinite(ref_l).all()
+                ).float(),
+                br.min_denominator.float(),
+            ]
         ).tolist()
         nonfinite: tuple[str, ...] = ()
         if not finite:
-            parts = zip(BRANCHES[:3], (br.local, kernel, landmark), strict=True)
-            nonfinite = tuple(name for name, x in parts if not torch.isfinite(x).all()) + ("output",)
+            parts = zip(BRANCHES[:3], (br.local, kernel, landmark), pb[:3], strict=True)
+            nonfinite = tuple(
+                name for name, x, p in parts if not (torch.isfinite(x).all() and torch.isfinite(p).all())
+            ) + ("output",)
         return StudentOutput(out.to(q.dtype), nonfinite, min_den)
+
+    def _check_shapes(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        geometry: TokenGeometry,
+        query_index: torch.Tensor | None,
+    ) -> None:
+        h, n, d = self.config.heads, geometry.n, self.config.head_dim
+        nq = n if query_index is None else query_index.shape[0]
+        if tuple(k.shape[1:]) != (h, n, d) or v.shape != k.shape or tuple(q.shape) != (k.shape[0], h, nq, d):
+            raise ValueError(
+                f"student expects k, v [B, heads, n, head_dim] = [B, {h}, {n}, {d}] and q "
+                f"[B, {h}, {nq}, {d}], "
+                f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+            )
+        if query_index is not None:
+            if query_index.dtype != torch.int64 or query_index.ndim != 1:
+                raise ValueError(
+                    "student query_index must be int64 [Nq], got "
+                    f"{query_index.dtype} {tuple(query_index.shape)}"
+                )
+            if nq and not (0 <= int(query_index.min()) and int(query_index.max()) < n):
+                raise ValueError(
+                    f"student query_index must lie in [0, {n}), got "
+                    f"[{int(query_index.min())}, {int(query_index.max())}]"
+                )
 
     def _alpha(
         self,
@@ -133,17 +204,17 @@ class Student(nn.Module):
         logit: torch.Tensor,
         gamma: torch.Tensor,
         offset: torch.Tensor,
-        n_text: int,
+        reference: torch.Tensor,
     ) -> torch.Tensor:
-        """Gate [B, H, N, 1]: adaptive over the image queries, 0 for the text queries."""
-        dbar = normalised_disagreement(base[:, :, n_text:], other[:, :, n_text:])  # [B, H, n_img]
+        """Gate [B, H, Nq, 1] of every query, its disagreement normalised by the probes' mean `reference`."""
+        dbar = normalised_disagreement(base, other, reference)  # [B, H, Nq]
         alpha = adaptive_alpha(
             logit[None, :, None] + offset[:, None, None],
             gamma[None, :, None],
             dbar,
             alpha_max=self.config.alpha_max,
         )
-        return F.pad(alpha, (n_text, 0)).unsqueeze(-1)
+        return alpha.unsqueeze(-1)
 
     def get_extra_state(self) -> dict[str, Any]:
         """Stored in state_dict() under `_extra_state`: the format version and the config."""
@@ -166,6 +237,12 @@ class Student(nn.Module):
         student = cls(StudentConfig(**extra["config"]))
         student.load_state_dict(state)
         return student
+
+
+def gate_probes(geometry: TokenGeometry) -> torch.Tensor:
+    """Sequence positions [P] of the gates' probes: a 2-D stride grid of at most GATE_PROBES image tokens."""
+    r, c = landmark_grid(geometry.rows, geometry.cols, GATE_PROBES)
+    return geometry.n_text + (r[:, None] * geometry.cols + c[None, :]).reshape(-1)
 
 
 def build_student(config: StudentConfig, *, seed: int) -> Student:

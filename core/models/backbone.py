@@ -35,14 +35,24 @@ class Cond:
 
 @runtime_checkable
 class Backbone(Protocol):
-    """velocity(x [B, C, h, w], sigma [B], cond, rope) -> v [B, C, h, w] (dtype and device of x)."""
+    """velocity(x [B, C, h, w], sigma [B], cond, rope) -> v [B, C, h, w] (dtype and device of x).
+
+    step, view_ids, cfg: what attention routes are told about the call (core/models/flux.py)."""
 
     latent_channels: int
     native_size: int  # latent pixels per side of the training resolution (Flux.1: 128 = 1024 px / 8)
     patch_size: int  # latent pixels per token side (2 for Flux's 2x2 packing)
 
     def velocity(
-        self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond, rope: RopeSpec | None = None
+        self,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: Cond,
+        rope: RopeSpec | None = None,
+        *,
+        step: int | None = None,
+        view_ids: tuple[int, ...] | None = None,
+        cfg: float | None = None,
     ) -> torch.Tensor: ...
 
 

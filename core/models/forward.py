@@ -24,23 +24,29 @@ import torch
 
 from core.models.backbone import Backbone, Cond
 from core.rope.spec import RopeSpec
-from core.tiling.views import ViewInput, plan_batches, stack_batch
+from core.tiling.views import ViewInput, batch_ids, plan_batches, stack_batch
 
 
 @dataclass(frozen=True, eq=False)
 class ViewBatch:
-    """Views of one shape and RoPE stacked for one forward; `index`: their positions in the call."""
+    """Views of one shape and RoPE stacked for one forward; `index`: their positions in the call.
+    step, view_ids: what the attention routes are told (core.tiling.views.batch_ids)."""
 
     index: tuple[int, ...]
     x: torch.Tensor  # [B, C, h, w]
     sigma: torch.Tensor  # [B] float32
     rope: RopeSpec | None
+    step: int | None = None
+    view_ids: tuple[int, ...] | None = None
 
 
 def view_batches(
     views: Sequence[ViewInput], max_batch: int | Callable[[tuple[int, ...]], int]
 ) -> list[ViewBatch]:
-    return [ViewBatch(tuple(idx), *stack_batch(views, idx)) for idx in plan_batches(views, max_batch)]
+    return [
+        ViewBatch(tuple(idx), *stack_batch(views, idx), *batch_ids(views, idx))
+        for idx in plan_batches(views, max_batch)
+    ]
 
 
 def forward_batch(
@@ -51,13 +57,15 @@ def forward_batch(
     rope: RopeSpec | None,
     *,
     device: torch.device | None = None,
+    step: int | None = None,
+    view_ids: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
     """Velocities [B, C, h, w] of one stacked batch, in x's dtype, on `device` (None: x's device).
-    Inference only (no autograd)."""
+    Inference only (no autograd). step, view_ids: for attention routes (read only when one is attached)."""
     if device is not None:
         x = x.to(device)
     with torch.no_grad():
-        v = backbone.velocity(x, sigma.to(x.device), cond, rope)
+        v = backbone.velocity(x, sigma.to(x.device), cond, rope, step=step, view_ids=view_ids)
     return v.to(x.dtype)
 
 
@@ -75,5 +83,8 @@ def evaluate_in_process(
     """Velocities of `views`, in order, from a backbone held by this process, batched as the pool batches."""
     out: list[torch.Tensor | None] = [None] * len(views)
     for batch in view_batches(views, max_batch):
-        place(out, batch, forward_batch(backbone, cond, batch.x, batch.sigma, batch.rope))
+        v = forward_batch(
+            backbone, cond, batch.x, batch.sigma, batch.rope, step=batch.step, view_ids=batch.view_ids
+        )
+        place(out, batch, v)
     return out  # type: ignore[return-value]

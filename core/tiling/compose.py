@@ -8,6 +8,7 @@ step is one barrier across the pool.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -27,12 +28,17 @@ def compose_velocity(
     """A model_fn(x, sigma, step) -> v over the whole latent from a local plan and an optional global one.
 
     on_views(step, n_views) observes how many views each step evaluated (for progress and job.json).
+    Each view is stamped with the step and its index in the step's list (local views first), which
+    attention routes receive (core/models/attention_hook.py); the velocities do not depend on them.
     """
 
     def model_fn(x: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
         local_views = local.views(x, sigma, step)
         global_views = global_plan.views(x, sigma, step) if global_plan is not None else []
-        outputs = evaluate([*local_views, *global_views]) if local_views or global_views else []
+        views = [
+            dataclasses.replace(v, step=step, view_id=i) for i, v in enumerate(local_views + global_views)
+        ]
+        outputs = evaluate(views) if views else []
         n = len(local_views)
         v = local.fuse(x, outputs[:n], sigma, step).to(x.dtype)
         if global_plan is not None:

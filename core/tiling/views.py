@@ -24,11 +24,16 @@ class ViewInput:
 
     rope: the RoPE extension to use when the view is larger than the model's native grid
     (None: plain RoPE). Views are batched only with views of equal shape and rope.
+    step, view_id: the sampler step and the view's position in that step's view list, for the
+    attention routes (core/models/attention_hook.py: AttentionCall); `compose_velocity` sets them.
+    They never change the velocity of an unrouted model and never split a batch.
     """
 
     x: torch.Tensor
     sigma: float
     rope: RopeSpec | None = None
+    step: int | None = None
+    view_id: int | None = None
 
 
 Evaluate = Callable[[Sequence[ViewInput]], list[torch.Tensor]]
@@ -83,6 +88,15 @@ def stack_batch(
     x = torch.stack([views[i].x for i in idx])
     sigma = torch.tensor([views[i].sigma for i in idx], dtype=torch.float32)
     return x, sigma, views[idx[0]].rope
+
+
+def batch_ids(views: Sequence[ViewInput], idx: Sequence[int]) -> tuple[int | None, tuple[int, ...] | None]:
+    """(step, view ids) of one batch for the attention routes: the step when every view names the
+    same one (else None), the view ids when every view has one (else None)."""
+    steps = {views[i].step for i in idx}
+    step = steps.pop() if len(steps) == 1 else None
+    ids = tuple(views[i].view_id for i in idx)
+    return step, (None if any(v is None for v in ids) else ids)  # type: ignore[return-value]
 
 
 def full_frame_view(x: torch.Tensor, sigma: float, rope: RopeSpec | None = None) -> ViewInput:

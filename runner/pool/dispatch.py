@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
+from core.attention.counters import RouteCounters
 from core.models.forward import place, view_batches
 from core.tiling.views import ViewInput
+from runner.distill.serving import add_counters
 from runner.pool.job_workers import LOST, JobWorkers
 from runner.pool.transport import from_wire, to_wire
 from runner.pool.worker import BatchResult, JobNotReadyError
@@ -49,6 +51,7 @@ class DispatchStats:
     requeued: list[dict] = field(default_factory=list)
     batch_sizes: dict[str, int] = field(default_factory=dict)
     call_s: dict[int, list[float]] = field(default_factory=dict)  # wall time per call, by its view count
+    attention: RouteCounters = field(default_factory=RouteCounters)  # students served (attention:)
 
     def summary(self) -> dict:
         return {
@@ -141,7 +144,9 @@ class Dispatcher:
             b = queue.popleft()
             batch = batches[b]
             handle = self.workers.handle(w)
-            ref = handle.velocity.remote(self.job, to_wire(batch.x), to_wire(batch.sigma), batch.rope)
+            ref = handle.velocity.remote(
+                self.job, to_wire(batch.x), to_wire(batch.sigma), batch.rope, batch.step, batch.view_ids
+            )
             in_flight[ref] = Flight(b, w, handle)
             load[w] += 1
 
@@ -164,3 +169,5 @@ class Dispatcher:
         self.stats.busy_s[w] = self.stats.busy_s.get(w, 0.0) + result.compute_s
         if result.oom_splits:
             self.stats.oom_splits.append({"worker": w, "batch_sizes": result.oom_splits})
+        if result.attention is not None:
+            add_counters(self.stats.attention, result.attention)

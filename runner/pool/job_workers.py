@@ -70,6 +70,7 @@ class JobWorkers:
     log: Callable[[str], None]
     slots: list[Slot] = field(default_factory=list)
     cond_ref: Any = None
+    attention: Any = None  # the job's AttentionConfig (students served), given to replacements too
     fallbacks: list[dict] = field(default_factory=list)
     ending: bool = False  # the job is ending: a worker lost now is not replaced
 
@@ -107,8 +108,17 @@ class JobWorkers:
         for i, handle, ref in refs:
             self._settle_call(i, handle, ref)
 
+    def serve_students(self, attention) -> list[list[str]]:
+        """Load the job's students on every ready worker (and on replacements); their routed layers."""
+        self.attention = attention
+        ready = [s for s in self.slots if s.ready]
+        refs = [(s.index, s.handle, s.handle.serve_students.remote(self.job, attention)) for s in ready]
+        return [r for r in (self._settle_call(i, h, ref) for i, h, ref in refs) if r is not None]
+
     def _join(self, handle):
-        return handle.join.remote(self.job, self.pool.spec, self.pool.idle_timeout_s, self.cond_ref)
+        return handle.join.remote(
+            self.job, self.pool.spec, self.pool.idle_timeout_s, self.cond_ref, self.attention
+        )
 
     def _settle_call(self, index: int, handle, ref) -> Any:
         try:

@@ -18,10 +18,12 @@ from core.models.loading import ModelMeta
 from core.tiling.views import ViewInput
 from core.vae.tiled import VaeOp
 from runner.config import PoolConfig
+from runner.distill.serving import StudentsServing
 from runner.pool.dispatch import Dispatcher
 from runner.pool.job_workers import JobWorkers
 from runner.pool.pool import WorkerPool, console
 from runner.pool.vae_pool import tiled_over_pool
+from tasks.distill_attention import AttentionConfig
 
 
 class RayModelPool:
@@ -49,6 +51,7 @@ class RayModelPool:
         self.dispatcher = Dispatcher(self.workers, max_batch=self.max_batch, max_in_flight=cfg.max_in_flight)
         self.vae_rounds = 0
         self.end_notes: list[dict] = []
+        self.serving: StudentsServing | None = None
 
     def max_batch(self, shape: tuple[int, ...]) -> int:
         """The pool's batch size for views of `shape`: the configured one, else the smallest any worker
@@ -59,6 +62,14 @@ class RayModelPool:
             sizes = self.workers.call_ready("max_batch", shape)
             self._batch_cache[shape] = min(sizes) if sizes else self.workers.call("max_batch", shape)
         return self._batch_cache[shape]
+
+    def serve_students(self, attention: AttentionConfig) -> tuple[str, ...]:
+        """Route the job's forwards on every worker through the students of `attention`; the bundle
+        is checked here first (a damaged one fails the job before any work). Returns the layers."""
+        self.serving = StudentsServing.check(attention)
+        answers = self.workers.serve_students(attention)
+        self.serving.routed = tuple(answers[0]) if answers else ()
+        return self.serving.routed
 
     def cond(self) -> Cond:
         if self._cond is None:
@@ -125,4 +136,5 @@ class RayModelPool:
             "pool": {"name": self.pool.name, "size": self.pool.size, **self.pool.facts},
             "fallbacks": self.fallbacks(),
             "stopped_at_end": self.end_notes,
+            **({"attention": self.serving.record(self.dispatcher.stats.attention)} if self.serving else {}),
         }

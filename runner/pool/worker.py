@@ -20,6 +20,7 @@ that does not fit is split in halves, recursively; a single view that does not f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -32,16 +33,19 @@ from typing import TypeVar
 import ray
 import torch
 
+from core.attention.counters import RouteCounters
 from core.models.backbone import Cond
 from core.models.forward import forward_batch
 from core.models.loading import LoadedModel, ModelMeta, ModelSpec
 from core.rope.spec import RopeSpec
 from core.vae.lockstep import TileGroup, TileInput, VaeRound
 from core.vae.tiled import Reply, VaeOp, move
+from runner.distill.serving import ServedStudents
 from runner.models import load_model, model_device
 from runner.pool.activity import Activity, watch
 from runner.pool.placement import WorkerResources, model_name, spec_difference
 from runner.pool.transport import WireTensor, from_wire, to_wire
+from tasks.distill_attention import AttentionConfig
 
 
 class ViewTooLargeError(RuntimeError):
@@ -77,6 +81,7 @@ class BatchResult:
     worker: int
     forward_s: float  # the forwards alone, on the device's clock (CUDA events; = compute_s on a CPU)
     oom_splits: list[int] = field(default_factory=list)  # batch sizes that ran out of memory and were split
+    attention: RouteCounters | None = None  # the job's student route counters for this batch (if served)
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -141,6 +146,7 @@ class ModelWorker:
         self.load_s = 0.0
         self.conds: dict[str, Cond] = {}
         self.tile_groups: dict[str, tuple[str, TileGroup]] = {}  # job -> (pass id, its tile programs)
+        self.served: dict[str, ServedStudents] = {}  # job -> its students (attention: in the job file)
         self.device_lock = threading.Lock()
         self.activity = Activity(identity.idle_timeout_s if identity else 0.0)
         self.stop_watch = threading.Event()
@@ -188,9 +194,17 @@ class ModelWorker:
         }
 
     @exclusive
-    def join(self, job: str, spec: ModelSpec, idle_timeout_s: float, cond: Cond | None = None) -> dict:
+    def join(
+        self,
+        job: str,
+        spec: ModelSpec,
+        idle_timeout_s: float,
+        cond: Cond | None = None,
+        attention: AttentionConfig | None = None,
+    ) -> dict:
         """Serve `job` with `spec`: load it unless loaded (refused while another active job uses
-        another model), set the job's conditioning when given, take the job's idle timeout; info()."""
+        another model), set the job's conditioning and students when given, take the job's idle
+        timeout; info()."""
         if spec != self.spec:
             others = {j: age for j, age in self.activity.active_jobs().items() if j != job}
             if self.spec is not None and others:
@@ -205,6 +219,8 @@ class ModelWorker:
             self.activity.idle_timeout_s = idle_timeout_s
             if cond is not None:
                 self._set_cond(job, cond)
+            if attention is not None:
+                self._serve(job, attention)
         return self.info()
 
     def _name(self) -> str:
@@ -215,6 +231,7 @@ class ModelWorker:
         self.model = None
         self.conds.clear()
         self.tile_groups.clear()
+        self.served.clear()
         for job in list(self.activity.jobs):
             self.activity.end(job)
         if self.device.type == "cuda":
@@ -247,11 +264,24 @@ class ModelWorker:
         param = next(self._loaded().backbone.parameters())  # type: ignore[attr-defined]
         self.conds[job] = cond.to(self.device, param.dtype)
 
+    @job_call
+    @exclusive
+    def serve_students(self, job: str, attention: AttentionConfig) -> list[str]:
+        """Route this job's forwards through the students of `attention` (runner/distill/serving.py);
+        returns the layers routed."""
+        return list(self._serve(job, attention).layers)
+
+    def _serve(self, job: str, attention: AttentionConfig) -> ServedStudents:
+        transformer = self._loaded().backbone.transformer  # type: ignore[attr-defined]
+        self.served[job] = ServedStudents(attention, transformer, self.device)
+        return self.served[job]
+
     @exclusive
     def end_job(self, job: str) -> None:
         """Drop this job's state (only this job's: other jobs sharing the worker keep theirs)."""
         self.conds.pop(job, None)
         self.tile_groups.pop(job, None)
+        self.served.pop(job, None)
         self.activity.end(job)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -277,8 +307,17 @@ class ModelWorker:
         return batch
 
     @job_call
-    def velocity(self, job: str, x: WireTensor, sigma: WireTensor, rope: RopeSpec | None) -> BatchResult:
-        """Velocities of one stacked batch of views (x [B, C, h, w], sigma [B]), in x's dtype."""
+    def velocity(
+        self,
+        job: str,
+        x: WireTensor,
+        sigma: WireTensor,
+        rope: RopeSpec | None,
+        step: int | None = None,
+        view_ids: tuple[int, ...] | None = None,
+    ) -> BatchResult:
+        """Velocities of one stacked batch of views (x [B, C, h, w], sigma [B]), in x's dtype.
+        step, view_ids: what the job's attention routes are told (core.models.forward.ViewBatch)."""
         x_t, sigma_t = from_wire(x), from_wire(sigma)
         splits: list[int] = []
         cuda = self.device.type == "cuda"
@@ -286,24 +325,37 @@ class ModelWorker:
             cond = self.conds.get(job)
             if cond is None:
                 raise JobNotReadyError(f"{self._name()}: no conditioning for job {job}; join it first")
+            served = self.served.get(job)
+            transformer = self._loaded().backbone.transformer  # type: ignore[attr-defined]
             start = time.perf_counter()
             if cuda:
                 began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 began.record()
-            v = self._forward(cond, x_t, sigma_t, rope, splits)
+            with served.routed(transformer) if served is not None else contextlib.nullcontext():
+                v = self._forward(cond, x_t, sigma_t, rope, splits, (step, view_ids))
             if cuda:
                 ended.record()
             v = v.cpu()  # synchronises the device
             compute = time.perf_counter() - start
+            counters = served.take_counters() if served is not None else None
         forward = began.elapsed_time(ended) / 1000 if cuda else compute
-        return BatchResult(to_wire(v), compute, self.index, forward, splits)
+        return BatchResult(to_wire(v), compute, self.index, forward, splits, counters)
 
     def _forward(
-        self, cond: Cond, x: torch.Tensor, sigma: torch.Tensor, rope: RopeSpec | None, splits: list[int]
+        self,
+        cond: Cond,
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        rope: RopeSpec | None,
+        splits: list[int],
+        ids: tuple[int | None, tuple[int, ...] | None] = (None, None),
     ) -> torch.Tensor:
         backbone = self._loaded().backbone
+        step, view_ids = ids
         try:
-            return forward_batch(backbone, cond, x, sigma, rope, device=self.device)
+            return forward_batch(
+                backbone, cond, x, sigma, rope, device=self.device, step=step, view_ids=view_ids
+            )
         except (torch.OutOfMemoryError, RuntimeError) as err:
             if not _is_oom(err):
                 raise
@@ -320,8 +372,11 @@ class ModelWorker:
             )
         splits.append(b)
         half = b // 2
-        first = self._forward(cond, x[:half], sigma[:half], rope, splits)
-        second = self._forward(cond, x[half:], sigma[half:], rope, splits)
+        step, view_ids = ids
+        first_ids = (step, view_ids[:half] if view_ids is not None else None)
+        second_ids = (step, view_ids[half:] if view_ids is not None else None)
+        first = self._forward(cond, x[:half], sigma[:half], rope, splits, first_ids)
+        second = self._forward(cond, x[half:], sigma[half:], rope, splits, second_ids)
         return torch.cat([first, second])
 
     def memory(self) -> dict:

@@ -1,0 +1,114 @@
+"""Serving a students bundle inside generation and upscale jobs (`attention:` in the job file).
+
+`ServedStudents` holds a bundle's students on one process's device with a `StudentRoute` marking
+the layers that may serve; `routed(transformer)` attaches the route for one forward and detaches it
+after, so a pool worker shared by jobs serves students only to the job that asked for them. The
+route fails closed (core/attention/routes.py): not ready, masked or non-finite calls go to the
+teacher and are counted. Counters are taken per call (`take_counters`), travel with each batch's
+result and are summed by the driver, so a batch re-run after a lost worker counts once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.attention.counters import LayerCounters, RouteCounters
+from core.attention.routes import StudentRoute
+from core.models.attention_hook import LayerSet, attach, layer_keys
+from runner.distill.bundle import StudentsBundle, load_bundle
+from tasks.distill_attention import AttentionConfig
+
+
+def routed_layers(
+    bundle: StudentsBundle, cfg: AttentionConfig, available: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The bundle's layers that serve under `cfg`: those that may serve, within cfg's layer set."""
+    unknown = sorted(set(bundle.layers) - set(available))
+    if unknown:
+        raise ValueError(
+            f"attention.students {cfg.students!r} has students for layers {unknown} that this model "
+            f"does not have (its layers: {list(available)})"
+        )
+    allowed = set(cfg.selection().select(available)) if cfg.selection() is not None else set(available)
+    return tuple(k for k in available if k in bundle.layers and k in allowed and bundle.layers[k].may_serve)
+
+
+class ServedStudents:
+    """The routed students of one job on one process (a pool worker or the in-process pool)."""
+
+    def __init__(self, cfg: AttentionConfig, transformer: nn.Module, device: torch.device) -> None:
+        bundle = load_bundle(cfg.students)
+        self.cfg = cfg
+        self.layers = routed_layers(bundle, cfg, tuple(layer_keys(transformer)))
+        students = {k: bundle.layers[k].build(device) for k in self.layers}
+        self.route = StudentRoute(students, ready=self.layers)
+
+    @contextlib.contextmanager
+    def routed(self, transformer: nn.Module) -> Iterator[None]:
+        """The route attached to the routed layers for the duration of the block (none: no-op)."""
+        if not self.layers:
+            yield
+            return
+        with attach(transformer, self.route, LayerSet.parse(",".join(self.layers))):
+            yield
+
+    def take_counters(self) -> RouteCounters:
+        """The counters since the last call, and a fresh set for the next."""
+        taken, self.route.counters = self.route.counters, RouteCounters()
+        return taken
+
+
+def add_counters(into: RouteCounters, other: RouteCounters) -> None:
+    """Sum `other` into `into`, layer by layer (min_denominator: the minimum)."""
+    for key, c in other.layers.items():
+        mine = into.layer(key)
+        for f in fields(LayerCounters):
+            value = getattr(c, f.name)
+            if f.name == "min_denominator":
+                if value is not None:
+                    mine.note_denominator(value)
+            else:
+                setattr(mine, f.name, getattr(mine, f.name) + value)
+
+
+@dataclass
+class StudentsServing:
+    """The driver's side of serving: the bundle it checked, the layers the workers routed, and the
+    job.json record built from the summed counters."""
+
+    cfg: AttentionConfig
+    bundle: StudentsBundle
+    routed: tuple[str, ...] = ()
+
+    @classmethod
+    def check(cls, cfg: AttentionConfig) -> StudentsServing:
+        return cls(cfg, load_bundle(cfg.students))
+
+    def record(self, counters: RouteCounters) -> dict[str, Any]:
+        """job.json's `attention`: the bundle, the layers routed and why the others were not, and
+        the route counters (per layer: calls, student, fallbacks by cause)."""
+        total = counters.total()
+        return {
+            "students": self.cfg.students,
+            "layers": self.cfg.layers,
+            "routed": list(self.routed),
+            "not_routed": {k: _why_not(e) for k, e in self.bundle.layers.items() if k not in self.routed},
+            "served_calls": total.student,
+            "fallback_calls": total.fallbacks,
+            "counters": counters.as_record(),
+            "bundle_meta": self.bundle.meta,
+        }
+
+
+def _why_not(entry) -> str:
+    if not entry.ready:
+        return "not ready"
+    if not entry.may_serve:
+        return "last loss over the ceiling or not finite"
+    return "not in attention.layers"
