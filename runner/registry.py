@@ -21,7 +21,8 @@ def _resolve(ref: str) -> Any:
 class TaskEntry:
     """One job type.
 
-    needs: "pool" (views fanned out to model workers) or "device" (one process that owns a GPU).
+    needs: "pool" (views fanned out to model workers), "device" (one process that owns a GPU) or
+      "control" (the controller's rollout workers and central learner, runner/control/job.py).
     check: "" or a function of the config that checks what needs the filesystem (inputs exist and
       are usable) before any work starts; it raises ValueError or FileNotFoundError naming the field.
     inputs: the config fields that name input files or folders (top-level string fields, "" = none
@@ -31,7 +32,7 @@ class TaskEntry:
     name: str
     config: str
     run: str
-    needs: Literal["pool", "device"]
+    needs: Literal["pool", "device", "control"]
     check: str = ""
     inputs: tuple[str, ...] = ()
 
@@ -59,6 +60,13 @@ TASKS: dict[str, TaskEntry] = {
         config="tasks.generate_config:GenerateConfig",
         run="tasks.generate:run",
         needs="pool",
+    ),
+    "controller": TaskEntry(
+        "controller",
+        config="tasks.controller_config:ControllerConfig",
+        run="tasks.controller:run",
+        needs="control",
+        inputs=("students", "cost_table"),
     ),
     "train_reference": TaskEntry(
         "train_reference",

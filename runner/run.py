@@ -106,7 +106,7 @@ def _run_one(job: Job, stream, driver: dict, *, coords: dict | None = None) -> J
     pool_task = job.task.needs == "pool"
     tracker = (
         Tracker(output, job.runner.tracking, job.resolved, name=f"{job.task.name}:{output.name}")
-        if pool_task
+        if job.task.needs in ("pool", "control")
         else None
     )
     arts = JobArtifacts(output, tracker, stream=stream or sys.stdout)
@@ -126,6 +126,10 @@ def _run_one(job: Job, stream, driver: dict, *, coords: dict | None = None) -> J
         record["ray"] = init_ray()
         if pool_task:
             result, pool_summary = _run_pool_task(job, arts)
+        elif job.task.needs == "control":
+            from runner.control.job import run_controller_task
+
+            result, pool_summary = run_controller_task(job, arts)
         else:
             result, pool_summary = _run_device_task(job, arts)
     except BaseException as err:  # recorded in job.json, then re-raised
