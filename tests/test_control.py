@@ -123,6 +123,11 @@ def test_policy_features_are_one_convention_and_pooled_text_is_required_when_con
     f = policy_features([PolicyInput(sigma=0.5, cfg=1.0, rows=4, cols=6, pooled=torch.ones(3))], config)
     assert f["grid"].shape == (1, 16) and f["pooled"].shape == (1, 3)
     assert f["sigma"][0, 0].item() == pytest.approx(math.cos(500.0))  # first frequency is 1
+    # the attention call's float32 sigma and the schedule's float give one input
+    f32 = float(torch.tensor(0.6, dtype=torch.float32))
+    one = policy_features([PolicyInput(sigma=0.6, cfg=1.0, rows=4, cols=4, pooled=torch.ones(3))], config)
+    other = policy_features([PolicyInput(sigma=f32, cfg=1.0, rows=4, cols=4, pooled=torch.ones(3))], config)
+    assert all(torch.equal(one[k], other[k]) for k in one)
     with pytest.raises(ValueError, match="sigma must be in"):
         PolicyInput(sigma=1.5, cfg=1.0, rows=4, cols=4)
 

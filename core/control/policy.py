@@ -80,7 +80,9 @@ def policy_features(inputs: Sequence[PolicyInput], config: PolicyConfig) -> dict
     """The network input for a batch of states: the one function used for sampling, recompute and
     inference. Returns float32 CPU tensors: sigma [N, E], cfg [N, E], grid [N, 2E], pooled [N, P]."""
     e = config.embed_dim
-    sigma = torch.tensor([s.sigma for s in inputs], dtype=torch.float64) * SIGMA_SCALE
+    # sigma rounded to float32 first: the attention call carries it as float32, the sampler's
+    # schedule as a Python float; both must give the policy the same input.
+    sigma = torch.tensor([s.sigma for s in inputs], dtype=torch.float32).double() * SIGMA_SCALE
     cfg = torch.tensor([s.cfg for s in inputs], dtype=torch.float64) * CFG_SCALE
     rows = torch.tensor([s.rows for s in inputs], dtype=torch.float64)
     cols = torch.tensor([s.cols for s in inputs], dtype=torch.float64)
