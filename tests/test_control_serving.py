@@ -100,3 +100,16 @@ def test_controller_attention_validates():
         ControllerAttention(controller="c", quality_speed=1.2)
     with pytest.raises(ValueError, match="attention.policy"):
         ControllerAttention(controller="c", policy="greedy")
+
+
+def test_controller_job_config_names_the_bad_field():
+    from tasks.controller_config import ControllerConfig
+
+    with pytest.raises(ValueError, match="students must name"):
+        ControllerConfig()
+    with pytest.raises(ValueError, match="rollouts must be >= 2"):
+        ControllerConfig(students="s", rollouts=1)
+    with pytest.raises(ValueError, match="size must be a multiple of 16 pixels >= 16, got 100"):
+        ControllerConfig(students="s", size=100)
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        ControllerConfig(students="s", baseline="greedy")
