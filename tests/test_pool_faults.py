@@ -105,9 +105,8 @@ def job_files(tmp_path_factory, assets):
             "phases": 2,
             "steps": 3,
             "denoise": [0.6, 0.4],
-            "coherence": {"dilated": True, "factor": 2},
+            "coherence": {"dilated": 2},
             "tiling": {"method": "multidiffusion", "tile": 64, "overlap": 16},
-            "vae_tiling": "on",
             "vae_tile": 64,
             "outputs": {"phase_images": False, "latent_stats": False, "compare_bicubic": False},
         }

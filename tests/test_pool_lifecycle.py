@@ -149,7 +149,7 @@ def test_on_a_local_ray_without_gpus(local_ray_env, tmp_path, assets):
         "phases": 1,
         "steps": 2,
         "denoise": [0.5],
-        "coherence": {"dilated": False},
+        "coherence": {"dilated": 0},
         "tiling": {"method": "multidiffusion", "tile": 64, "overlap": 16},
         "outputs": {"phase_images": False, "latent_stats": False, "compare_bicubic": False},
     }

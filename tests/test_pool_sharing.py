@@ -70,9 +70,8 @@ def job_file(tmp_path_factory, assets) -> Path:
         "phases": 1,
         "steps": 3,
         "denoise": [0.6],
-        "coherence": {"dilated": False},
+        "coherence": {"dilated": 0},
         "tiling": {"method": "multidiffusion", "tile": 64, "overlap": 16},
-        "vae_tiling": "on",
         "vae_tile": 64,
         "outputs": {"phase_images": False, "latent_stats": False, "compare_bicubic": False},
     }
