@@ -15,7 +15,7 @@ by the routing, which is what RLOO's leave-one-out baseline compares. Everything
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +67,7 @@ class EpisodeModel:
     """What a worker holds: the denoiser, its VAE decode, the conditioning and the ready students."""
 
     backbone: torch.nn.Module
-    decode: object  # callable latents [1, C, h, w] -> images [1, 3, H, W] in [0, 1]
+    decode: Callable[[torch.Tensor], torch.Tensor]  # latents [1, C, h, w] -> images [1, 3, H, W] in [0, 1]
     cond: Cond
     students: Mapping[str, Student]
 
@@ -95,7 +95,7 @@ def episode_sigmas(cfg: EpisodeConfig) -> list[float]:
 
 @torch.no_grad()
 def trajectory(
-    model: EpisodeModel, cfg: EpisodeConfig, seed: int, plan: MaskPlan | None, layers
+    model: EpisodeModel, cfg: EpisodeConfig, seed: int, plan: MaskPlan | None, layers: Sequence[str]
 ) -> Trajectory:
     """Sample from the seed's noise; with a plan, each step's routed layers serve their students."""
     backbone = model.backbone
