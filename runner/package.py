@@ -4,7 +4,8 @@ It holds what the job needs on a cluster that has nothing but Ray and the depend
 
 - the code (core/, runner/, tasks/ of the tree this command runs from), so the cluster runs the
   code that validated the job; `python -m runner` in the package imports it first;
-- the repository's own weights the job uses: TAEF2 (5 MB, the reference and tiny models' VAE, and
+- the built-in weights the job uses (from where runner/models.py finds them: a checkout, a wheel
+  install or TESSERA_MODELS): TAEF2 (5 MB, the reference and tiny models' VAE, and
   what training encodes with) and the LPIPS heads (24 KB) always, the reference model (39 MB) only
   when the job's model is the built-in one. Flux weights are never uploaded: they are a path on
   the cluster or a hub id. Ray names a package by its content hash, so resubmitting the same job
@@ -27,9 +28,10 @@ from typing import Any
 import yaml
 
 from runner.config import Job, JobConfigError
+from runner.models import MODELS, missing_builtin
 from runner.ray_init import REPO_ROOT
 from runner.storage import is_uri
-from runner.summary import write_source
+from runner.summary import version, write_source
 from runner.sweep import sweep_values
 
 CODE = ("core", "runner", "tasks")
@@ -59,12 +61,17 @@ def build_package(
     pkg = Package(folder, job_name, resolved)
     for name in CODE:
         shutil.copytree(REPO_ROOT / name, folder / name, ignore=_IGNORE)
-    shutil.copy2(REPO_ROOT / "pyproject.toml", folder / "pyproject.toml")  # the version, for job.json
+    pyproject = REPO_ROOT / "pyproject.toml"  # the version, for job.json; makes the package a checkout
+    if pyproject.is_file():
+        shutil.copy2(pyproject, folder / "pyproject.toml")
+    else:  # submitted from a wheel install
+        (folder / "pyproject.toml").write_text(f'[project]\nname = "tessera"\nversion = "{version()}"\n')
     write_source(folder)  # the commit, for job.json: no .git travels
     _copy_weights(job, pkg)
     for key in job.task.inputs:
-        if resolved.get(key):
-            resolved[key] = _input(pkg, key, resolved[key], inputs_on_cluster)
+        value = _get(resolved, key)
+        if value:
+            _set(resolved, key, _input(pkg, key, value, inputs_on_cluster))
     sweep = resolved.get("sweep") or {}
     for key, value in list(sweep.items()):
         try:
@@ -85,8 +92,21 @@ def build_package(
     return pkg
 
 
+def _get(data: dict, key: str) -> Any:
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _set(data: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data[part]
+    data[last] = value
+
+
 def _copy_weights(job: Job, pkg: Package) -> None:
-    models = REPO_ROOT / "models"
+    models = MODELS
     spec = getattr(job.config, "model", None)
     names = list(ALWAYS_WEIGHTS)
     if spec is not None and spec.kind == "reference" and not spec.path:
@@ -95,10 +115,7 @@ def _copy_weights(job: Job, pkg: Package) -> None:
         src = models / name
         if not src.is_dir():
             if name in ("reference", "taef2"):
-                raise JobConfigError(
-                    f"the built-in weights {str(src)!r} are missing: submit from a checkout of the "
-                    "repository (its models/ folder travels with the job)"
-                )
+                raise JobConfigError(missing_builtin(name, models))
             continue
         # samples.png and other pictures document the weights; the job does not read them
         shutil.copytree(src, pkg.folder / "models" / name, ignore=shutil.ignore_patterns("*.png", ".*"))

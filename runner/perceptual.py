@@ -40,11 +40,13 @@ from typing import Any
 import torch
 
 from core.eval.lpips import LpipsAlex, build_lpips_alex, lpips_distance
+from runner.models import MODELS
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 ALEXNET_SHA256 = "7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02"
 HEADS_SHA256 = "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0"
-REPO_HEADS = Path(__file__).resolve().parents[1] / "models" / "lpips" / "v0.1" / "alex.pth"
+# the built-in copy (runner/models.py says where the built-in weights are found)
+REPO_HEADS = MODELS / "lpips" / "v0.1" / "alex.pth"
 HASH_CHUNK = 1 << 20
 
 
@@ -101,7 +103,7 @@ def resolve_lpips(backbone: str | Path | None = None, *, heads: str | Path | Non
     """Find and verify the LPIPS-Alex weights; never raises for a missing or mismatching file.
 
     backbone: the AlexNet checkpoint; None = the torch hub cache (`hub_checkpoint()`).
-    heads: the v0.1 head file; None = the copy in this repository (models/lpips/v0.1/alex.pth).
+    heads: the v0.1 head file; None = the built-in copy (lpips/v0.1/alex.pth of runner.models.MODELS).
     """
     source = "torch hub cache" if backbone is None else "configured"
     backbone_path = hub_checkpoint() if backbone is None else Path(backbone).expanduser()

@@ -25,8 +25,8 @@ class TaskEntry:
       "control" (the controller's rollout workers and central learner, runner/control/job.py).
     check: "" or a function of the config that checks what needs the filesystem (inputs exist and
       are usable) before any work starts; it raises ValueError or FileNotFoundError naming the field.
-    inputs: the config fields that name input files or folders (top-level string fields, "" = none
-      given); `tessera submit` checks and uploads them with the job (runner/jobs.py).
+    inputs: the config fields that name input files or folders (dotted for nested fields; "" = none
+      given); `tessera submit` checks and uploads them with the job (runner/package.py).
     """
 
     name: str
@@ -53,7 +53,7 @@ TASKS: dict[str, TaskEntry] = {
         run="tasks.upscale:run",
         needs="pool",
         check="tasks.upscale_config:check",
-        inputs=("image", "mask"),
+        inputs=("image", "mask", "outputs.reference"),
     ),
     "generate": TaskEntry(
         "generate",

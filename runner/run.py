@@ -26,7 +26,7 @@ from runner.driver_process import keep_freed_memory, limit_driver_threads
 from runner.ray_init import init_ray
 from runner.summary import finish
 from runner.sweep import expand, folder_name, override
-from runner.tracking import Tracker
+from runner.tracking import Tracker, check_tracking
 
 PACKAGES = (
     "tessera",
@@ -72,30 +72,79 @@ class JobOutcome:
 def run_job(
     path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, stream=None
 ) -> list[JobOutcome]:
-    """Run a job file (every job of its sweep, in order, on one shared pool); returns the outcomes."""
+    """Run a job file (every job of its sweep, in order, on one shared pool); returns the outcomes.
+
+    A sweep behaves like a set of Tune trials: every combination is validated and checked before any
+    work starts; then each job is announced (index and coordinates), a job that fails is recorded
+    (its job.json and sweep.json say why) and the sweep goes on, and sweep.json is rewritten after
+    every job, so it shows progress while the sweep runs. SweepFailed at the end names the failures.
+    A JobConfigError (the user's to fix, e.g. a pool that cannot be placed) is recorded and ends it.
+    """
     job = load_job(path, list(overrides))
     # once per process, before any work: the driver's fusion and mixing sit on every step's barrier
     driver = {"driver_threads": limit_driver_threads(), "driver_malloc": keep_freed_memory()}
     if not job.runner.sweep:
+        check_tracking(job.runner.tracking)
         return [_run_one(job, stream, driver)]
     combos = expand(job.runner.sweep, Path(path).resolve().parent)
     jobs = []
     for i, coords in enumerate(combos):  # validate every combination before any work starts
         sub = [*overrides, *(override(k, v) for k, v in coords.items())]
         sub.append(f"output={Path(job.runner.output) / folder_name(i, coords)}")
-        jobs.append((load_job(path, sub), coords))
+        sub_job = load_job(path, sub)
+        check_job(sub_job)
+        check_tracking(sub_job.runner.tracking)
+        jobs.append((sub_job, coords))
+    out = stream or sys.stdout
+    index = Path(job.runner.output) / "sweep.json"
+    entries = [
+        {"index": i, "coords": c, "output": str(j.runner.output), "status": "pending"}
+        for i, (j, c) in enumerate(jobs)
+    ]
+    write_json(index, entries)
     outcomes = []
-    for sub_job, coords in jobs:
-        outcome = _run_one(sub_job, stream, driver, coords=coords)
+    for i, (sub_job, coords) in enumerate(jobs):
+        values = " ".join(f"{k}={v}" for k, v in coords.items())
+        print(f"[sweep] job {i + 1}/{len(jobs)}: {values} -> {sub_job.runner.output}", file=out, flush=True)
+        try:
+            outcome = _run_one(sub_job, stream, driver, coords=coords)
+        except Exception as err:  # recorded in its job.json and in sweep.json
+            reason = one_line(err)
+            entries[i].update(status="failed", error=reason)
+            write_json(index, entries)
+            if isinstance(err, JobConfigError):  # the user's to fix (e.g. a pool that cannot be placed)
+                raise
+            print(f"[sweep] job {i + 1}/{len(jobs)} failed ({reason}); continuing", file=out, flush=True)
+            outcomes.append(
+                JobOutcome(Path(sub_job.runner.output), {"status": "failed", "error": reason}, None)
+            )
+            continue
+        entries[i]["status"] = outcome.record["status"]
         outcomes.append(outcome)
-    write_json(
-        Path(job.runner.output) / "sweep.json",
-        [
-            {"coords": c, "output": str(o.output), "status": o.record["status"]}
-            for (_, c), o in zip(jobs, outcomes, strict=True)
-        ],
-    )
+        write_json(index, entries)
+    failed = [e for e in entries if e["status"] == "failed"]
+    if failed:
+        raise SweepFailed(failed, len(entries), index)
     return outcomes
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """ "Type: first line of the message" of an error; for an error raised in a Ray task or actor,
+    of the error it raised there (Ray's own message carries the remote traceback)."""
+    if isinstance(err, ray.exceptions.RayTaskError) and err.cause is not None:
+        err = err.cause
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class SweepFailed(RuntimeError):
+    """Some jobs of a sweep failed (each recorded); the others ran to the end."""
+
+    def __init__(self, failed: list[dict], total: int, index: Path) -> None:
+        self.failed = failed
+        names = "; ".join(f"{Path(e['output']).name}: {e['error']}" for e in failed)
+        super().__init__(f"{len(failed)} of {total} sweep jobs failed ({names}); see {index}")
 
 
 def _run_one(job: Job, stream, driver: dict, *, coords: dict | None = None) -> JobOutcome:
@@ -222,6 +271,9 @@ def main_run(path: str, overrides: list[str]) -> int:
     except JobConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except SweepFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         if ray.is_initialized():
             ray.shutdown()

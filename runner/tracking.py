@@ -81,15 +81,7 @@ class Tracker:
             self.comet = self._start_comet(cfg, params, name)
 
     def _start_comet(self, cfg: TrackingConfig, params: Mapping[str, Any], name: str):
-        os.environ.setdefault("COMET_ERROR_TRACKING_ENABLE", "false")
-        os.environ.setdefault("COMET_DISABLE_AUTO_LOGGING", "1")
-        try:
-            import comet_ml
-        except ImportError:
-            raise TrackingUnavailable(
-                f"tracking.comet={cfg.comet} needs comet_ml, which is not installed here: "
-                "pip install 'tessera[comet]' (or set tracking.comet=off)"
-            ) from None
+        comet_ml = import_comet(cfg)
         common = dict(
             project_name=cfg.project,
             log_code=False,
@@ -103,10 +95,6 @@ class Tracker:
         )
         mode = cfg.comet
         if mode == "online":
-            if not os.environ.get("COMET_API_KEY"):
-                raise TrackingUnavailable(
-                    "tracking.comet=online needs COMET_API_KEY in the environment (or tracking.comet=offline)"
-                )
             unreachable = comet_unreachable()
             if unreachable:
                 mode = "offline"
@@ -157,6 +145,34 @@ class Tracker:
             timings = json.loads(record.read_text()).get("timings", {})
             self.comet.log_others({f"timing.{k}": v for k, v in timings.items()})
         self.comet.end()
+
+
+def import_comet(cfg: TrackingConfig):
+    """comet_ml for a job whose tracking asks for Comet (checked before any work starts, and again
+    where the tracker starts). Only comet_ml itself missing is "not installed"; an import error from
+    inside an installed comet_ml (a broken dependency) propagates as it is."""
+    os.environ.setdefault("COMET_ERROR_TRACKING_ENABLE", "false")
+    os.environ.setdefault("COMET_DISABLE_AUTO_LOGGING", "1")
+    try:
+        import comet_ml
+    except ModuleNotFoundError as err:
+        if err.name != "comet_ml":
+            raise
+        raise TrackingUnavailable(
+            f"tracking.comet={cfg.comet} needs comet_ml, which is not installed here: "
+            "pip install 'tessera[comet]' (or set tracking.comet=off)"
+        ) from None
+    if cfg.comet == "online" and not os.environ.get("COMET_API_KEY"):
+        raise TrackingUnavailable(
+            "tracking.comet=online needs COMET_API_KEY in the environment (or tracking.comet=offline)"
+        )
+    return comet_ml
+
+
+def check_tracking(cfg: TrackingConfig) -> None:
+    """Raise TrackingUnavailable (a JobConfigError: one line, exit 2) if the job's tracking cannot run."""
+    if cfg.comet != "off":
+        import_comet(cfg)
 
 
 def tags(params: Mapping[str, Any]) -> list[str]:

@@ -21,8 +21,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.eval.metrics import channel_stats
-from core.eval.pictures import LatentPreview, bar_chart, fit_latent_preview, grid, preview_rgb, to_uint8
+from core.eval.metrics import channel_stats, psnr, ssim
+from core.eval.pictures import (
+    LatentPreview,
+    comparison,
+    fit_latent_preview,
+    latent_stats_chart,
+    preview_rgb,
+    preview_scale,
+    to_uint8,
+)
 from core.flow.sampling import StepInfo, sample_euler
 from core.flow.schedules import noise_to
 from core.flow.seeds import derive_seed, gaussian_noise
@@ -137,7 +145,7 @@ class _StepObserver:
             step=info.step,
         )
         if self.preview is not None:
-            picture = preview_rgb(info.x, self.preview, upscale=2)
+            picture = preview_rgb(info.x, self.preview, upscale=preview_scale(*info.x.shape[-2:]))
             self.ctx.save_image(f"{p.label}/previews/step_{info.step:03d}.png", picture)
 
 
@@ -283,7 +291,7 @@ class _Job:
         if outputs.latent_stats:
             stats = channel_stats(latent)
             ctx.save_json(f"{label}/latent_stats.json", stats)
-            chart = bar_chart(stats["mean"], errors=stats["std"], title=f"{label}: per-channel mean +- std")
+            chart = latent_stats_chart(stats["mean"], stats["std"], title=f"{label}: per-channel mean +- std")
             ctx.save_image(f"{label}/latent_stats.png", chart)
         if not outputs.phase_images:
             return None
@@ -294,7 +302,7 @@ class _Job:
     def save_outputs(
         self, final: torch.Tensor, source: torch.Tensor, target: tuple[int, int]
     ) -> torch.Tensor:
-        """result.png at the exact target (and the bicubic comparison); returns the final image."""
+        """result.png at the exact target (and the comparison with bicubic); returns the final image."""
         ctx = self.ctx
         if needs_final_resize(target, tuple(final.shape[-2:])):
             ctx.record_fallback(
@@ -305,10 +313,30 @@ class _Job:
         if self.cfg.outputs.compare_bicubic:
             bicubic = resize_image(source, target, "bicubic")
             ctx.save_image("bicubic.png", bicubic)
-            ctx.save_image(
-                "comparison.png", grid([to_uint8(bicubic), to_uint8(final)], labels=["bicubic", "Tessera"])
-            )
+            ctx.save_image("comparison.png", self.comparison(bicubic, final))
         return final
+
+    def comparison(self, bicubic: torch.Tensor, final: torch.Tensor):
+        """bicubic | Tessera (| reference) with 1:1 crops of the most detailed window; with
+        outputs.reference, PSNR and SSIM of both against it, in the labels and in job.json."""
+        images, names = [bicubic, final], ["bicubic", "Tessera"]
+        path = self.cfg.outputs.reference
+        if not path:
+            return comparison([to_uint8(im) for im in images], names)
+        reference = self.ctx.read_image(path)
+        size = tuple(final.shape[-2:])
+        if tuple(reference.shape[-2:]) != size:
+            self.ctx.record_fallback(
+                "reference resize", f"outputs.reference {tuple(reference.shape[-2:])} -> {size} (area)"
+            )
+            reference = resize_image(reference, size, "area")
+        scores = {
+            n: {"psnr_db": psnr(im, reference), "ssim": ssim(im, reference)}
+            for n, im in zip(names, images, strict=True)
+        }
+        self.ctx.record("comparison", scores)
+        labels = [f"{n}: PSNR {s['psnr_db']:.2f} dB, SSIM {s['ssim']:.3f}" for n, s in scores.items()]
+        return comparison([to_uint8(im) for im in [*images, reference]], [*labels, "reference"])
 
 
 def _crop_to(image: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -183,13 +183,19 @@ class CleanupConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OutputsConfig:
-    """Artifacts beside result.png; none of them changes the result (nor the resume fingerprint)."""
+    """Artifacts beside result.png; none of them changes the result (nor the resume fingerprint).
+
+    reference: optional image to measure the result against (e.g. the original that a downscaled
+      input was made from), at the target size: comparison.png and job.json then give PSNR and SSIM
+      of the result and of bicubic against it.
+    """
 
     phase_images: bool = True
     previews: bool = False  # a latent-to-RGB preview PNG per step
     latent_stats: bool = True
     compare_bicubic: bool = True
     checkpoints: bool = True  # the latent at each phase boundary, for resume
+    reference: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -318,3 +324,12 @@ def check(cfg: UpscaleConfig) -> None:
             raise ValueError(
                 f"mask {path!r} is {height}x{width}, the image is {image_size[0]}x{image_size[1]}"
             )
+    reference = cfg.outputs.reference
+    if reference:
+        if not Path(reference).is_file():
+            raise FileNotFoundError(f"outputs.reference {reference!r} does not exist")
+        try:
+            with Image.open(reference) as im:
+                im.verify()
+        except OSError as err:
+            raise ValueError(f"outputs.reference {reference!r} is not a readable image: {err}") from None

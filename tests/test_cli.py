@@ -386,3 +386,72 @@ def test_swept_inputs_are_each_uploaded(tmp_path, small_image):
     assert pkg.inputs == {"image": ["inputs/image/bird.png", *swept]}
     assert load_job(folder / "job.yaml").runner.sweep == {"image": swept}
     assert all((folder / p).read_bytes() == small_image.read_bytes() for p in swept)
+
+
+def test_a_nested_input_field_is_uploaded_and_renamed(tmp_path, small_image):
+    """outputs.reference is an input (registry: dotted field names): it travels with the job and the
+    packaged job file names the copy."""
+    from runner.config import load_job
+    from runner.package import build_package
+
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(
+        f"task: upscale\noutput: runs/x\nmodel: {{kind: random}}\nimage: {small_image}\nscale: 2\n"
+        f"outputs: {{reference: {small_image}}}\n"
+    )
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    pkg = build_package(
+        load_job(job_file),
+        folder,
+        job_name="job.yaml",
+        output="s3://b/x",
+        base=tmp_path,
+        inputs_on_cluster=False,
+    )
+    assert pkg.inputs == {
+        "image": ["inputs/image/bird.png"],
+        "outputs.reference": ["inputs/outputs.reference/bird.png"],
+    }
+    again = load_job(folder / "job.yaml")
+    assert again.config.outputs.reference == "inputs/outputs.reference/bird.png"
+    assert (folder / again.config.outputs.reference).read_bytes() == small_image.read_bytes()
+
+
+def test_a_sweep_announces_each_job_and_continues_past_a_failed_one(ray_cluster, small_image, tmp_path):
+    """Like Tune trials: job 0's model cannot load (its VAE folder does not exist), the sweep records
+    that in sweep.json and runs job 1; it then fails naming job 0 (`tessera run` exits 1 with it)."""
+    import io
+
+    from runner.run import SweepFailed, run_job
+    from runner.sweep import folder_name
+
+    out, console = tmp_path / "sweep", io.StringIO()
+    missing = tmp_path / "no-vae"
+    overrides = [
+        f"image={small_image}",
+        f"output={out}",
+        "pool.name=cli-sweep",
+        "steps=2",
+        "tiling.tile=64",
+        "tiling.overlap=16",
+        f"sweep={{model.vae: [{missing}, taef2]}}",
+    ]
+    try:
+        with pytest.raises(SweepFailed) as err:
+            run_job(EXAMPLE, overrides, stream=console)
+    finally:
+        kill_pool("cli-sweep", 1)
+    lines = [line for line in console.getvalue().splitlines() if line.startswith("[sweep]")]
+    first, second = out / folder_name(0, {"model.vae": str(missing)}), out / "001-vae=taef2"
+    assert lines[0] == f"[sweep] job 1/2: model.vae={missing} -> {first}"
+    assert lines[1].startswith("[sweep] job 1/2 failed (OSError: ") and lines[1].endswith("; continuing")
+    assert lines[2] == f"[sweep] job 2/2: model.vae=taef2 -> {second}"
+    entries = json.loads((out / "sweep.json").read_text())
+    assert [e["status"] for e in entries] == ["failed", "succeeded"]
+    assert str(missing) in entries[0]["error"] and (second / "result.png").is_file()
+    assert (
+        entries[0]["output"] == str(first)
+        and json.loads((first / "job.json").read_text())["status"] == "failed"
+    )
+    assert str(err.value).startswith("1 of 2 sweep jobs failed (000-vae=") and "\n" not in str(err.value)

@@ -168,3 +168,101 @@ def test_grid_layout():
     assert mixed.shape == (2 * 10 + 3, 14 + 4 + 3, 3) and (mixed[1:11, 16:20] == 7).all()
     with pytest.raises(ValueError, match="uint8"):
         grid([np.zeros((4, 4), dtype=np.uint8)])
+
+
+# ------------------------------------------------------------------ latent statistics, comparison
+
+
+def test_reference_lines_are_drawn_at_their_values_and_widen_the_axis():
+    from core.eval.pictures import REFERENCE_RGB, latent_stats_chart
+
+    plain = bar_chart([0.2, -0.1], size=(200, 300))
+    assert not _is(plain, REFERENCE_RGB).any()
+    chart = bar_chart([0.2, -0.1], size=(200, 300), reference=[(1.0, "+1"), (-1.0, "-1")])
+    rows = np.nonzero(_is(chart, REFERENCE_RGB)[:, 60:250].sum(axis=1) > 60)[0]  # the dashed lines
+    zero = _zero_row(chart)
+    assert len(rows) == 2 and abs((zero - rows[0]) - (rows[1] - zero)) <= 1  # +1 and -1, symmetric
+    bars = np.nonzero(_is(chart, BAR_RGB).any(axis=1))[0]
+    assert rows[0] < bars.min() and bars.max() < rows[1]  # both bars inside [-1, 1]
+    stats = latent_stats_chart([0.1] * 32, [1.0] * 32, title="phase1")
+    assert stats.shape == (360, 720, 3) and max(stats.shape[:2]) >= 512
+    assert _is(stats, REFERENCE_RGB).any() and _is(stats, WHISKER_RGB).any()
+
+
+def test_detail_window_finds_the_textured_patch():
+    from core.eval.pictures import detail_window
+
+    img = np.full((96, 128, 3), 128, dtype=np.uint8)
+    g = np.random.default_rng(0)
+    img[40:72, 64:96] = g.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)  # the only detail
+    # windows of 32 on a stride of 8: the one exactly over the patch has every gradient
+    assert detail_window(img, 32) == (40, 64)
+    with pytest.raises(ValueError, match="window side"):
+        detail_window(img, 97)
+
+
+def test_comparison_shows_overviews_and_one_to_one_crops():
+    from core.eval.pictures import OUTLINE_RGB, comparison, preview_scale
+
+    g = np.random.default_rng(1)
+    a = g.integers(0, 256, size=(128, 160, 3), dtype=np.uint8)
+    b = np.full_like(a, 40)
+    out = comparison([b, a], ["bicubic", "Tessera: PSNR 30.00 dB"], crop=64, pad=8)
+    k = preview_scale(128, 160)  # 4: the overviews reach 512 px on their long side
+    assert k == 4 and out.shape[1] == 8 + 160 * k + 8 + 160 * k + 8
+    assert _is(out, OUTLINE_RGB).any()  # the crop window outlined on the overviews
+    # a 1:1 crop of `a` (64 x 64 pixels, unscaled) appears in the bottom row, right of b's crop
+    bottom = out[-(64 + 8) : -8]
+    x = 8 + 64 + 8
+    crops = [bottom[:, x : x + 64]]
+    top, left = next(
+        (t, l)
+        for t in range(0, 128 - 63)
+        for l in range(0, 160 - 63)
+        if np.array_equal(a[t : t + 64, l : l + 64], crops[0])
+    )
+    assert (top, left) == (top // 16 * 16, left // 16 * 16)  # on the window grid (stride 64 // 4)
+    large = np.zeros((1500, 3000, 3), dtype=np.uint8)
+    assert comparison([large], ["x"], pad=0).shape[1] == 1024  # area-downscaled to 1024 px
+    with pytest.raises(ValueError, match="one size"):
+        comparison([a, a[:64]], ["a", "b"])
+
+
+def test_upscale_comparison_measures_against_a_reference_and_previews_are_large(tmp_path, assets):
+    from PIL import Image
+
+    from core.models.loading import ModelSpec
+    from core.upscale.resize import resize_image
+    from runner.artifacts import read_image, write_png
+    from runner.context import JobArtifacts, JobContext, LocalModelPool
+    from runner.models import load_model
+    from tasks.upscale import run
+    from tasks.upscale_config import CoherenceConfig, OutputsConfig, UpscaleConfig
+
+    photo = tmp_path / "crop.png"
+    Image.open(assets / "images/eval/set5/bird.png").convert("RGB").crop((100, 100, 180, 164)).save(photo)
+    # the reference is the bicubic upscale itself, rounded to 8 bits: against it bicubic scores the
+    # PSNR of that rounding alone (uniform error of one level: 10 log10(12 * 255^2) = 58.9 dB)
+    reference = tmp_path / "reference.png"
+    write_png(reference, resize_image(read_image(photo), (128, 160), "bicubic"))
+    cfg = UpscaleConfig(
+        model=ModelSpec(kind="random", shape="tiny"),
+        image=str(photo),
+        scale=2.0,
+        phases=1,
+        steps=4,
+        denoise=(0.5,),
+        skip_residual=None,
+        coherence=CoherenceConfig(dilated=0),
+        outputs=OutputsConfig(previews=True, checkpoints=False, reference=str(reference)),
+    )
+    arts = JobArtifacts(tmp_path / "out")
+    run(cfg, JobContext(arts, LocalModelPool(load_model(cfg.model, "cpu"))))
+    scores = arts.records["comparison"]
+    assert 58 < scores["bicubic"]["psnr_db"] < 62 and scores["bicubic"]["ssim"] > 0.999
+    assert 5 < scores["Tessera"]["psnr_db"] < 45 and scores["Tessera"]["ssim"] < 0.99
+    picture = np.asarray(Image.open(tmp_path / "out/comparison.png"))
+    assert picture.shape[1] > 3 * 512  # bicubic, Tessera and the reference, each >= 512 px wide
+    previews = sorted((tmp_path / "out/phase1/previews").glob("*.png"))
+    assert previews and all(max(Image.open(p).size) >= 512 for p in previews)
+    assert max(Image.open(tmp_path / "out/phase1/latent_stats.png").size) >= 512

@@ -17,7 +17,9 @@ layer near the threshold does not flip on every run:
 and never ready before `min_updates` optimiser updates. Fail closed: a run with a non-finite
 distance, or a non-finite last loss, makes the layer not ready (the EMA keeps its last finite
 value, so one bad run does not poison it). `may_serve` is the gate at serving time: ready, a finite
-output, and a finite last training loss at most `loss_ceiling`.
+output, and a finite last training loss at most `loss_ceiling`. The loss to pass is the unweighted
+smooth_l1 + cosine_distance of the last update (UpdateStats): the Kendall-weighted total falls below
+0 as the log-variances fall, so a ceiling on it would say little.
 """
 
 from __future__ import annotations

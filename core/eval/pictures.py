@@ -1,4 +1,5 @@
-"""Small pictures for job artifacts: bar charts, latent previews, and one grid of labelled panels.
+"""Small pictures for job artifacts: bar charts (latent statistics against N(0, 1)), latent previews,
+a grid of labelled panels, and the comparison picture (overviews and 1:1 crops).
 
 Everything returns uint8 numpy arrays [H, W, 3]; writing them to disk is the runner's job.
 
@@ -10,6 +11,10 @@ Decisions:
   image on the latent channels), not a table of per-model constants, so it works for any VAE.
 - Panels are brought to a common height with nearest-neighbour resampling: previews stay blocky
   instead of looking smoother (or sharper) than the data they show.
+- Pictures are large enough to judge: previews and comparison overviews are at least
+  `MIN_PICTURE_SIDE` pixels on their long side (integer nearest upscales). A comparison also shows
+  crops at 1:1 (one image pixel per screen pixel) of the window with the most detail (the largest
+  sum of squared luminance gradients), because an overview of a large result is downscaled.
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ INK = (0, 0, 0)
 BAR_RGB = (70, 130, 180)
 AXIS_RGB = (90, 90, 90)
 WHISKER_RGB = (200, 40, 40)
+REFERENCE_RGB = (0, 140, 70)
+OUTLINE_RGB = (230, 30, 30)
 TEXT_PAD = 2
+MIN_PICTURE_SIDE = 512
+MAX_OVERVIEW_SIDE = 1024
+CROP_SIDE = 256
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
 
 
 def _font() -> ImageFont.ImageFont:
@@ -51,12 +62,15 @@ def bar_chart(
     labels: Sequence[str] | None = None,
     title: str = "",
     size: tuple[int, int] = (320, 640),
+    reference: Sequence[tuple[float, str]] = (),
 ) -> np.ndarray:
     """Vertical bars from a zero line, uint8 [height, width, 3] with size = (height, width).
 
     errors: optional non-negative half-lengths (e.g. std) drawn as whiskers value +- error. Values may
     be negative; the value axis always includes 0 and is annotated with its top, 0 and bottom. Tick
     labels are drawn for every k-th bar, with the smallest k at which they do not overlap.
+    reference: (value, label) pairs drawn as dashed horizontal lines across the plot, labelled at
+    their right end; the value axis includes them.
     """
     vals = [float(v) for v in values]
     n = len(vals)
@@ -74,8 +88,11 @@ def bar_chart(
     img = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(img)
     _, line_h = _text_size(draw, "0")
-    lo = min(0.0, min(v - e for v, e in zip(vals, errs, strict=True)))
-    hi = max(0.0, max(v + e for v, e in zip(vals, errs, strict=True)))
+    refs = [(float(v), str(text)) for v, text in reference]
+    if not all(math.isfinite(v) for v, _ in refs):
+        raise ValueError(f"reference values must be finite, got {[v for v, _ in refs]}")
+    lo = min(0.0, *(v - e for v, e in zip(vals, errs, strict=True)), *(v for v, _ in refs))
+    hi = max(0.0, *(v + e for v, e in zip(vals, errs, strict=True)), *(v for v, _ in refs))
     if hi == lo:
         hi = 1.0
     # Plot area: title band on top, tick-label band below, value annotations on the left.
@@ -103,6 +120,17 @@ def bar_chart(
             draw.line((xc - cap, y_lo, xc + cap, y_lo), fill=WHISKER_RGB)
     draw.line((left, zero, right, zero), fill=AXIS_RGB)
     draw.line((left - 1, top, left - 1, bottom), fill=AXIS_RGB)
+    for v, text in refs:
+        y = row(v)
+        for x in range(left, right, 8):  # dashed: 5 on, 3 off
+            draw.line((x, y, min(x + 4, right), y), fill=REFERENCE_RGB)
+        tw, th = _text_size(draw, text)
+        draw.text(
+            (right - tw, y - th - TEXT_PAD if y - th - TEXT_PAD > top else y + TEXT_PAD),
+            text,
+            fill=REFERENCE_RGB,
+            font=_font(),
+        )
 
     _annotate(
         draw,
@@ -154,6 +182,21 @@ def _annotate(
             draw.text(
                 (round(xc - tw / 2), bottom + line_h // 2 + TEXT_PAD), str(labels[i]), fill=INK, font=font
             )
+
+
+def latent_stats_chart(
+    mean: Sequence[float], std: Sequence[float], *, title: str, size: tuple[int, int] = (360, 720)
+) -> np.ndarray:
+    """Per-channel mean +- std of a latent, channels labelled by index, against N(0, 1): a latent
+    the model expects has every bar near the zero line and every whisker near the dashed +-1 lines."""
+    return bar_chart(
+        mean,
+        errors=std,
+        labels=[str(i) for i in range(len(mean))],
+        title=f"{title}; dashed: N(0, 1)",
+        size=size,
+        reference=[(1.0, "N(0,1) +1 std"), (-1.0, "N(0,1) -1 std")],
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,6 +259,11 @@ def preview_rgb(latent: torch.Tensor, preview: LatentPreview, *, upscale: int = 
     if upscale > 1:
         out = out.repeat(upscale, axis=0).repeat(upscale, axis=1)
     return out
+
+
+def preview_scale(height: int, width: int, min_side: int = MIN_PICTURE_SIDE) -> int:
+    """The integer upscale that brings a (height, width) picture to at least min_side on its long side."""
+    return max(1, math.ceil(min_side / max(height, width, 1)))
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -281,3 +329,73 @@ def grid(
         if labels is not None:
             draw.text((x, y + TEXT_PAD), str(labels[i]), fill=INK, font=_font())
     return np.asarray(canvas, dtype=np.uint8).copy()
+
+
+def detail_window(image: np.ndarray, side: int) -> tuple[int, int]:
+    """(top, left) of the side x side window of uint8 image [H, W, 3] with the largest sum of squared
+    luminance gradients (forward differences), on a grid of side // 4 strides; the first on ties."""
+    _check_rgb([image])
+    h, w = image.shape[:2]
+    if not 1 <= side <= min(h, w):
+        raise ValueError(f"window side must be in [1, {min(h, w)}], got {side}")
+    y = torch.tensor(image, dtype=torch.float64) @ torch.tensor(LUMA, dtype=torch.float64)
+    energy = torch.zeros(h, w, dtype=torch.float64)
+    energy[:, :-1] += (y[:, 1:] - y[:, :-1]) ** 2
+    energy[:-1, :] += (y[1:, :] - y[:-1, :]) ** 2
+    stride = max(1, side // 4)
+    sums = F.avg_pool2d(energy[None, None], kernel_size=side, stride=stride)[0, 0]
+    r, c = divmod(int(sums.flatten().argmax()), sums.shape[1])
+    return r * stride, c * stride
+
+
+def _overview(image: np.ndarray, scale: float) -> np.ndarray:
+    h, w = image.shape[:2]
+    if scale >= 1:
+        return image.repeat(int(scale), axis=0).repeat(int(scale), axis=1)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
+def comparison(
+    images: Sequence[np.ndarray],
+    labels: Sequence[str],
+    *,
+    detail_of: int = -1,
+    crop: int = CROP_SIDE,
+    pad: int = 8,
+) -> np.ndarray:
+    """Images of one size side by side, and below them their crops at 1:1 of the window with the
+    most detail in images[detail_of] (outlined on the overviews).
+
+    Overviews are scaled to a long side in [MIN_PICTURE_SIDE, MAX_OVERVIEW_SIDE]: integer nearest
+    upscales for small images, area (box) downscales for large ones.
+    """
+    _check_rgb(images)
+    if len(labels) != len(images) or len({im.shape for im in images}) != 1:
+        raise ValueError(
+            f"comparison needs one label per image and images of one size, got "
+            f"{len(labels)} labels for {[im.shape for im in images]}"
+        )
+    h, w = images[0].shape[:2]
+    side = min(crop, h, w)
+    top, left = detail_window(images[detail_of], side)
+    long = max(h, w)
+    scale = float(preview_scale(h, w)) if long < MIN_PICTURE_SIDE else min(1.0, MAX_OVERVIEW_SIDE / long)
+    overviews = []
+    for im in images:
+        view = Image.fromarray(_overview(im, scale))
+        box = [round(v * scale) for v in (left, top, left + side, top + side)]
+        ImageDraw.Draw(view).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), outline=OUTLINE_RGB, width=2)
+        overviews.append(np.asarray(view))
+    crops = [np.ascontiguousarray(im[top : top + side, left : left + side]) for im in images]
+    rows = [
+        grid(overviews, labels=labels, pad=pad),
+        grid(crops, labels=[f"{text.split(':')[0]}, 1:1 crop" for text in labels], pad=pad),
+    ]
+    width = max(r.shape[1] for r in rows)
+    canvas = np.full((sum(r.shape[0] for r in rows), width, 3), BACKGROUND, dtype=np.uint8)
+    y = 0
+    for r in rows:
+        canvas[y : y + r.shape[0], : r.shape[1]] = r
+        y += r.shape[0]
+    return canvas
