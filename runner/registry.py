@@ -21,7 +21,8 @@ def _resolve(ref: str) -> Any:
 class TaskEntry:
     """One job type.
 
-    needs: "pool" (views fanned out to model workers) or "device" (one process that owns a GPU).
+    needs: "pool" (views fanned out to model workers), "device" (one process that owns a GPU) or
+      "control" (the controller's rollout workers and central learner, runner/control/job.py).
     check: "" or a function of the config that checks what needs the filesystem (inputs exist and
       are usable) before any work starts; it raises ValueError or FileNotFoundError naming the field.
     inputs: the config fields that name input files or folders (dotted for nested fields; "" = none
@@ -41,7 +42,7 @@ class TaskEntry:
     name: str
     config: str
     run: str
-    needs: Literal["pool", "device"]
+    needs: Literal["pool", "device", "control"]
     check: str = ""
     inputs: tuple[str, ...] = ()
     models: tuple[str, ...] = ()
@@ -94,6 +95,14 @@ TASKS: dict[str, TaskEntry] = {
         inputs=("model.prompt_embeds",),
         models=("model",),
         runner="runner.distill.job:run_distill",
+    ),
+    "controller": TaskEntry(
+        "controller",
+        config="tasks.controller_config:ControllerConfig",
+        run="tasks.controller:run",
+        needs="control",
+        inputs=("students", "cost_table"),
+        models=("model",),
     ),
     "train_reference": TaskEntry(
         "train_reference",

@@ -273,7 +273,11 @@ def _run_one(prepared: Prepared, stream, driver: dict, *, overwrite: bool) -> Jo
     attempt = open_output(output, overwrite=overwrite)
     pool_task = job.task.needs == "pool"
     name = f"{job.task.name}:{output.name}"
-    tracker = Tracker(output, job.runner.tracking, job.resolved, name=name) if pool_task else None
+    tracker = (
+        Tracker(output, job.runner.tracking, job.resolved, name=name)
+        if job.task.needs in ("pool", "control")
+        else None
+    )
     arts = JobArtifacts(output, tracker, stream=stream, fingerprint=job_fingerprint(job))
     record = JobRecord(prepared, arts, attempt, driver)
     if not driver["driver_malloc"]["applied"]:
@@ -292,7 +296,14 @@ def _run_one(prepared: Prepared, stream, driver: dict, *, overwrite: bool) -> Jo
                 "local Ray not on loopback",
                 "Ray was imported before the runner could keep it on 127.0.0.1 (docs/reliability.md)",
             )
-        record.result = _run_pool_task(job, arts, record) if pool_task else _run_device_task(job, arts)
+        if pool_task:
+            record.result = _run_pool_task(job, arts, record)
+        elif job.task.needs == "control":
+            from runner.control.job import run_controller_task
+
+            record.result, record.pool_summary = run_controller_task(job, arts)
+        else:
+            record.result = _run_device_task(job, arts)
         status = "succeeded"
     except KeyboardInterrupt as err:
         status = "interrupted"

@@ -289,6 +289,8 @@ def test_every_shipped_job_packages_for_submission(path, small_image, tmp_path):
         overrides = [f"train_dir={small_image.parent}", f"eval_dir={small_image.parent}"]
     elif "task: distill" in text or "task: generate" in text:
         overrides = []  # no input files
+    elif "task: controller" in text:
+        overrides = [f"students={small_image.parent}"]  # a folder input, as a students bundle is
     else:
         overrides = [f"image={small_image}"]
     job = load_job(path, overrides)
