@@ -82,11 +82,13 @@ def run(cfg: DistillConfig, ctx: DistillContext) -> DistillState:
             row = state.finish(report)
             ctx.log_metrics(row, step=report.run)
             meter.report(ctx, report)
+            meter.run_timing(report)
         state.replay = ctx.replay_state()
         ctx.save_state(CHECKPOINT, state.state_dict())
         save_students(ctx, cfg, plan, state)
     ctx.record("summary", state.summary())
     ctx.record("throughput", meter.rates())
+    ctx.record("run_timings", meter.runs)
     ctx.record("oom_ladders", state.ladders)
     ctx.record("layers", {k: dataclasses.asdict(r) for k, r in state.reports.items()})
     return state
@@ -152,6 +154,22 @@ class _Meter:
         )
         self.state = state
         self.logged = state.updates // cfg.log_every
+        self.runs: list[dict] = []  # per teacher run: where its time went (sampling with capture, training)
+
+    def run_timing(self, report) -> None:
+        """Keep a finished run's timings: sampling with capture vs training is the capture overhead's
+        measure against a generation without capture (bench/README.md)."""
+        self.runs.append(
+            {
+                "run": report.run,
+                "group": report.group,
+                "worker": report.worker,
+                "captures": report.captures,
+                "capture_bytes": report.capture_bytes,
+                "sample_s": round(report.sample_s, 4),
+                "train_s": round(report.train_s, 4),
+            }
+        )
 
     def rates(self) -> dict[str, float]:
         """This session's rates (a resumed job counts from its resume)."""
