@@ -11,11 +11,11 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
   test -d /tmp/site/ray || bash .gpu/install.sh
   export PYTHONPATH=/tmp/site:$PWD
   python3 -m pytest -q -m gpu tests/test_attention_kernels.py -p no:cacheprovider
-  python3 bench/attention_bench.py --out "$OUT/attention_bench.json"
   for px in 1024 2048; do
     python3 -m runner run bench/jobs/flux_generate.yaml "size=[$px,$px]" output=/tmp/flux-generate-$px
     python3 -m runner run bench/jobs/flux_distill.yaml "teacher.sizes=[$px]" output=/tmp/flux-distill-$px
   done
   python3 bench/distill_flux.py /tmp/flux-generate-1024 /tmp/flux-distill-1024 \
     /tmp/flux-generate-2048 /tmp/flux-distill-2048 --out "$OUT/distill_flux.json"
+  python3 bench/attention_bench.py --out "$OUT/attention_bench.json"
 } 2>&1 | tee "$OUT/log.txt"

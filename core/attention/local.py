@@ -58,7 +58,20 @@ def local_index(geometry: TokenGeometry, *, tile: int, radius: int) -> LocalInde
     q_col = tj[:, None] * t + a.repeat(t)[None]
     q_inside = (q_row < rows) & (q_col < cols)
     query = torch.where(q_inside, n_text + q_row * cols + q_col, geometry.n)
+    key, key_valid = window_keys(geometry, torch.arange(tiles_r * tiles_c), tile=tile, radius=radius)
+    return LocalIndex(query, key, key_valid)
 
+
+def window_keys(
+    geometry: TokenGeometry, tile_ids: torch.Tensor, *, tile: int, radius: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key positions [T', K] and their validity of the windows of `tile_ids` [T'] (row-major tile
+    numbers, CPU): every text key, then the (2r + 1)^2 tiles around the tile. Built for the tiles asked
+    only, so a few queries (a capture's, or the gates' probes) do not pay for the whole grid's table."""
+    rows, cols, n_text, t = geometry.rows, geometry.cols, geometry.n_text, tile
+    tiles_r, tiles_c = math.ceil(rows / t), math.ceil(cols / t)
+    ti, tj = tile_ids // tiles_c, tile_ids % tiles_c
+    a = torch.arange(t)
     reach_r, reach_c = min(radius, tiles_r - 1), min(radius, tiles_c - 1)
     k_row = (ti[:, None] + torch.arange(-reach_r, reach_r + 1))[:, :, None] * t + a  # [T, nr, t]
     k_col = (tj[:, None] + torch.arange(-reach_c, reach_c + 1))[:, :, None] * t + a  # [T, nc, t]
@@ -70,7 +83,7 @@ def local_index(geometry: TokenGeometry, *, tile: int, radius: int) -> LocalInde
     text = torch.arange(n_text).expand(len(ti), n_text)
     key = torch.cat([text, k_image], dim=1)
     key_valid = torch.cat([torch.ones_like(text, dtype=torch.bool), k_inside], dim=1)
-    return LocalIndex(query, key, key_valid)
+    return key, key_valid
 
 
 def local_mask(geometry: TokenGeometry, *, tile: int, radius: int) -> torch.Tensor:
@@ -142,7 +155,6 @@ def local_attention_at(
             f"local_attention_at needs k with geometry.n = {geometry.n} tokens and one position per query, "
             f"got k {tuple(k.shape)}, q_sub {tuple(q_sub.shape)}, positions {tuple(positions.shape)}"
         )
-    index = local_index(geometry, tile=tile, radius=radius)
     positions = positions.to("cpu")
     out = q_sub.new_empty((b, h, nq, d), dtype=torch.float32)
     n_text, cols = geometry.n_text, geometry.cols
@@ -155,7 +167,9 @@ def local_attention_at(
     pos = positions[image] - n_text
     tiles_c = math.ceil(cols / tile)
     tile_id = ((pos // cols) // tile) * tiles_c + (pos % cols) // tile  # [n_img_q]
-    key, key_valid = index.key[tile_id], index.key_valid[tile_id]  # [n_img_q, K]
+    needed, which = torch.unique(tile_id, return_inverse=True)
+    key, key_valid = window_keys(geometry, needed, tile=tile, radius=radius)
+    key, key_valid = key[which], key_valid[which]  # [n_img_q, K]
     width = key.shape[1]
     chunk = max(1, chunk_elements // (b * h * (2 * width * d + width + d)))
     for s in range(0, len(image), chunk):
