@@ -232,6 +232,7 @@ class LocalModelPool:
                         self.model.backbone, self.cond(), views, max_batch=self.max_batch
                     )
                 add_counters(self.attention, self.served.take_counters())
+                self.serving.note(self.served.take_decisions())  # type: ignore[union-attr]
         self.model_s += time.perf_counter() - start
         self.views += len(views)
         return out
@@ -272,6 +273,9 @@ class JobContext:
         self.latent_channels = pool.latent_channels
         self.native_size = pool.native_size
         self.vae_scale_factor = pool.vae_scale_factor
+        serving = getattr(pool, "serving", None)  # students served: their step decisions printed here
+        if serving is not None:
+            serving.console = artifacts_.stream
 
     # ModelPool
     def cond(self) -> Cond:

@@ -4,6 +4,9 @@
       students: runs/distill/students     # a students folder written by `task: distill`
       layers: ready                       # every layer the bundle marks ready; or e.g. "single",
                                           # "single:0-3": those of them that are ready
+      controller: runs/controller/controller.pt   # optional (tasks/controller_attention.py): route
+      policy: threshold                     # per step only the layers a trained controller picks
+      quality_speed: 0.5                    # 0 = quality (route little), 1 = speed (route much)
 
 Serving fails closed: a layer serves its student only if the bundle marks it ready and its last
 loss was under the ceiling, the call has no attention mask, and every output of the student is
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.control.inference import INFERENCE_MODES, InferenceMode, quality_speed_threshold
 from core.models.attention_hook import LayerSet
+from tasks.controller_attention import ControllerAttention
 
 READY = "ready"
 
@@ -24,10 +29,15 @@ READY = "ready"
 @dataclass(frozen=True, kw_only=True)
 class AttentionConfig:
     """students: a students folder (runner/distill/bundle.py); layers: "ready" or a layer set
-    (core.models.attention_hook.LayerSet syntax) restricting which ready layers serve."""
+    (core.models.attention_hook.LayerSet syntax) restricting which ready layers serve; controller:
+    a controller file trained on this bundle (task: controller), "" for none; policy and
+    quality_speed: how its decisions are made (core/control/inference.py)."""
 
     students: str
     layers: str = READY
+    controller: str = ""
+    policy: InferenceMode = "threshold"
+    quality_speed: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.students:
@@ -37,7 +47,21 @@ class AttentionConfig:
                 LayerSet.parse(self.layers)
             except ValueError as err:
                 raise ValueError(f"attention.layers must be 'ready' or a layer set: {err}") from None
+        if self.policy not in INFERENCE_MODES:
+            raise ValueError(f"attention.policy must be one of {INFERENCE_MODES}, got {self.policy!r}")
+        try:
+            quality_speed_threshold(self.quality_speed)
+        except ValueError:
+            raise ValueError(f"attention.quality_speed must be in [0, 1], got {self.quality_speed}") from None
 
     def selection(self) -> LayerSet | None:
         """The layer set restricting the ready layers, None for all of them."""
         return None if self.layers == READY else LayerSet.parse(self.layers)
+
+    def control(self) -> ControllerAttention | None:
+        """The controller's serving settings, None without a controller."""
+        if not self.controller:
+            return None
+        return ControllerAttention(
+            controller=self.controller, policy=self.policy, quality_speed=self.quality_speed
+        )

@@ -6,21 +6,29 @@ after, so a pool worker shared by jobs serves students only to the job that aske
 route fails closed (core/attention/routes.py): not ready, masked or non-finite calls go to the
 teacher and are counted. Counters are taken per call (`take_counters`), travel with each batch's
 result and are summed by the driver, so a batch re-run after a lost worker counts once.
+
+With `attention.controller`, the routed layers are served by `ControlledStudents`
+(runner/control/serving.py): each step routes only the layers the controller picks among them. The
+decisions travel with the batches too; the driver keeps each step's once (`StudentsServing.note`),
+prints it and writes them all into job.json.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TextIO
 
 import torch
 from torch import nn
 
 from core.attention.counters import LayerCounters, RouteCounters
 from core.attention.routes import StudentRoute
+from core.control.inference import RoutingDecision
 from core.models.attention_hook import LayerSet, attach, layer_keys
+from runner.control.serving import ControlledStudents, TrainedController, load_controller
 from runner.distill.bundle import StudentsBundle, load_bundle
 from tasks.distill_attention import AttentionConfig
 
@@ -48,10 +56,20 @@ class ServedStudents:
         self.layers = routed_layers(bundle, cfg, tuple(layer_keys(transformer)))
         students = {k: bundle.layers[k].build(device) for k in self.layers}
         self.route = StudentRoute(students, ready=self.layers)
+        control = cfg.control()
+        self.controlled = (
+            None
+            if control is None
+            else ControlledStudents(students, checked_controller(cfg), control)  # fails closed too
+        )
 
     @contextlib.contextmanager
     def routed(self, transformer: nn.Module) -> Iterator[None]:
         """The route attached to the routed layers for the duration of the block (none: no-op)."""
+        if self.controlled is not None:
+            with self.controlled.routed(transformer):
+                yield
+            return
         if not self.layers:
             yield
             return
@@ -60,8 +78,25 @@ class ServedStudents:
 
     def take_counters(self) -> RouteCounters:
         """The counters since the last call, and a fresh set for the next."""
+        if self.controlled is not None:
+            return self.controlled.take_counters()
         taken, self.route.counters = self.route.counters, RouteCounters()
         return taken
+
+    def take_decisions(self) -> list[RoutingDecision]:
+        """The controller's decisions since the last call (each step's once); none without one."""
+        return [] if self.controlled is None else self.controlled.take_decisions()
+
+
+def checked_controller(cfg: AttentionConfig) -> TrainedController:
+    """cfg's controller, which must have been trained on cfg's students bundle."""
+    controller = load_controller(cfg.controller)
+    if Path(controller.students).resolve() != Path(cfg.students).resolve():
+        raise ValueError(
+            f"attention.controller {cfg.controller!r} was trained on students {controller.students!r}, "
+            f"not on attention.students {cfg.students!r}"
+        )
+    return controller
 
 
 def add_counters(into: RouteCounters, other: RouteCounters) -> None:
@@ -85,10 +120,30 @@ class StudentsServing:
     cfg: AttentionConfig
     bundle: StudentsBundle
     routed: tuple[str, ...] = ()
+    decisions: dict[int | None, RoutingDecision] = field(default_factory=dict)  # step -> its decision
+    console: TextIO | None = None  # where each step's decision is printed once
 
     @classmethod
     def check(cls, cfg: AttentionConfig) -> StudentsServing:
+        if cfg.controller:
+            checked_controller(cfg)  # a wrong or damaged controller fails the job before any work
         return cls(cfg, load_bundle(cfg.students))
+
+    def note(self, decisions: list[RoutingDecision]) -> None:
+        """Keep (and print) each step's decision once; the workers serving a step must agree."""
+        for d in decisions:
+            kept = self.decisions.setdefault(d.step, d)
+            if kept is d:
+                if self.console is not None:
+                    layers = ",".join(d.student_layers) or "none"
+                    print(
+                        f"[attention] step {d.step} sigma {d.sigma:.4f} threshold {d.threshold:.3f} "
+                        f"students: {layers}",
+                        file=self.console,
+                        flush=True,
+                    )
+            elif kept.student_layers != d.student_layers:
+                raise RuntimeError(f"step {d.step}: workers decided {kept} and {d}: one decision per step")
 
     def record(self, counters: RouteCounters) -> dict[str, Any]:
         """job.json's `attention`: the bundle, the layers routed and why the others were not, and
@@ -103,6 +158,15 @@ class StudentsServing:
             "fallback_calls": total.fallbacks,
             "counters": counters.as_record(),
             "bundle_meta": self.bundle.meta,
+            **(self._control_record() if self.cfg.controller else {}),
+        }
+
+    def _control_record(self) -> dict[str, Any]:
+        return {
+            "controller": self.cfg.controller,
+            "policy": self.cfg.policy,
+            "quality_speed": self.cfg.quality_speed,
+            "decisions": [d.as_record() for d in self.decisions.values()],
         }
 
 

@@ -52,6 +52,7 @@ class DispatchStats:
     batch_sizes: dict[str, int] = field(default_factory=dict)
     call_s: dict[int, list[float]] = field(default_factory=dict)  # wall time per call, by its view count
     attention: RouteCounters = field(default_factory=RouteCounters)  # students served (attention:)
+    decisions: list = field(default_factory=list)  # the controller's step decisions, as they arrive
 
     def summary(self) -> dict:
         return {
@@ -171,3 +172,4 @@ class Dispatcher:
             self.stats.oom_splits.append({"worker": w, "batch_sizes": result.oom_splits})
         if result.attention is not None:
             add_counters(self.stats.attention, result.attention)
+        self.stats.decisions.extend(result.decisions)

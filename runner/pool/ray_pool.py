@@ -79,7 +79,11 @@ class RayModelPool:
 
     def evaluate(self, views: Sequence[ViewInput]) -> list[torch.Tensor]:
         self.cond()
-        return self.dispatcher.evaluate(views)
+        out = self.dispatcher.evaluate(views)
+        if self.serving is not None:
+            self.serving.note(self.dispatcher.stats.decisions)
+        self.dispatcher.stats.decisions.clear()
+        return out
 
     def encode(self, images: torch.Tensor, *, tile: int = 0) -> torch.Tensor:
         return self._vae("encode", images, tile)

@@ -34,6 +34,7 @@ import ray
 import torch
 
 from core.attention.counters import RouteCounters
+from core.control.inference import RoutingDecision
 from core.distill.plan import TeacherRun
 from core.models.attention_hook import layer_keys
 from core.models.backbone import Cond
@@ -88,6 +89,7 @@ class BatchResult:
     forward_s: float  # the forwards alone, on the device's clock (CUDA events; = compute_s on a CPU)
     oom_splits: list[int] = field(default_factory=list)  # batch sizes that ran out of memory and were split
     attention: RouteCounters | None = None  # the job's student route counters for this batch (if served)
+    decisions: list[RoutingDecision] = field(default_factory=list)  # controller's new step decisions
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -389,8 +391,9 @@ class ModelWorker:
             v = v.cpu()  # synchronises the device
             compute = time.perf_counter() - start
             counters = served.take_counters() if served is not None else None
+            decisions = served.take_decisions() if served is not None else []
         forward = began.elapsed_time(ended) / 1000 if cuda else compute
-        return BatchResult(to_wire(v), compute, self.index, forward, splits, counters)
+        return BatchResult(to_wire(v), compute, self.index, forward, splits, counters, decisions)
 
     def _forward(
         self,
