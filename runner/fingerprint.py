@@ -95,9 +95,11 @@ def config_digest(job: Job) -> str:
 
 
 def field_value(config: Any, dotted: str) -> Any:
-    """config.a.b for "a.b"."""
+    """config.a.b for "a.b"; None where a part on the way is unset (an optional block left out)."""
     value = config
     for part in dotted.split("."):
+        if value is None:
+            return None
         value = getattr(value, part)
     return value
 

@@ -67,6 +67,10 @@ class TaskEntry:
         return _resolve(self.runner) if self.runner else None
 
 
+# The files an `attention:` block names (a students bundle, a controller): uploaded by submit, checked
+# before work, and part of the checkpoints' fingerprint.
+ATTENTION_INPUTS = ("attention.students", "attention.controller")
+
 TASKS: dict[str, TaskEntry] = {
     "upscale": TaskEntry(
         "upscale",
@@ -74,7 +78,7 @@ TASKS: dict[str, TaskEntry] = {
         run="tasks.upscale:run",
         needs="pool",
         check="tasks.upscale_config:check",
-        inputs=("image", "mask", "outputs.reference", "model.prompt_embeds"),
+        inputs=("image", "mask", "outputs.reference", "model.prompt_embeds", *ATTENTION_INPUTS),
         models=("model",),
         artifact_settings=("outputs",),
         estimate="runner.estimate:upscale",
@@ -84,7 +88,7 @@ TASKS: dict[str, TaskEntry] = {
         config="tasks.generate_config:GenerateConfig",
         run="tasks.generate:run",
         needs="pool",
-        inputs=("model.prompt_embeds",),
+        inputs=("model.prompt_embeds", *ATTENTION_INPUTS),
         models=("model",),
     ),
     "distill": TaskEntry(

@@ -21,6 +21,7 @@ from core.tiling.tiles import FUSION_METHODS
 from core.upscale.resize import METHODS as RESIZE_METHODS
 from core.upscale.resize import CovarianceResize
 from core.upscale.skip_residual import SkipResidual, linear_values
+from tasks.distill_attention import AttentionConfig
 
 TileMethod = Literal["none", "multidiffusion", "mixture", "spot"]
 TILE_METHODS: tuple[TileMethod, ...] = ("none", *FUSION_METHODS, "spot")  # "none": one full-frame view
@@ -215,6 +216,8 @@ class UpscaleConfig:
     skip_residual: the skip residual's schedule and strength; null = off.
     rewind: [min, max] of the Iterative Mixer's rewind; [0, 0] = off.
     vae_tile: pixels per VAE tile; 0 = one untiled pass, auto = 512 px tiles above 512 px.
+    attention: serve a students bundle's ready layers (tasks/distill_attention.py) in every view's
+      forward, optionally routed per step by a controller; null = the teacher everywhere.
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -241,6 +244,7 @@ class UpscaleConfig:
     vae_tile: int | str = AUTO
     seed: int = 0
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    attention: AttentionConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.image:

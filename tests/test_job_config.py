@@ -183,3 +183,24 @@ def test_output_uris_are_checked_without_a_network(tmp_path, image):
         load_job(path, ["output=ftp://h/x"])
     with pytest.raises(JobConfigError, match="is not valid YAML"):
         load_job(path, ["steps=[1,"])
+
+
+def test_an_upscale_job_names_a_students_bundle_checked_before_work(tmp_path, image):
+    """`attention:` in an upscale job file: parsed into the serving config, its bundle folder an input
+    (checked before work, uploaded by submit, in the fingerprint), and no attention block at all is
+    still a valid job."""
+    from runner.preflight import check_inputs
+    from tasks.distill_attention import AttentionConfig
+
+    path = write(tmp_path, GOOD.format(out=tmp_path / "o", image=image))
+    assert load_job(path, []).config.attention is None
+    assert check_inputs(load_job(path, [])) == 1  # the image only
+    missing = tmp_path / "no-students"
+    job = load_job(path, [f"attention.students={missing}", "attention.layers=ready"])
+    assert job.config.attention == AttentionConfig(students=str(missing), layers="ready")
+    with pytest.raises(JobConfigError, match="attention.students .*no-students' does not exist"):
+        check_inputs(job)
+    bundle = tmp_path / "students"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    assert check_inputs(load_job(path, [f"attention.students={bundle}"])) == 1
