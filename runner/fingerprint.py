@@ -5,7 +5,8 @@ a job that differed in any part is set aside and that work starts fresh, so a re
 back another input's result. The parts (docs/reliability.md):
 
 - config: the task's resolved config, every field except the artifact switches a task declares
-  (TaskEntry.artifact_settings: they choose which files are written, never a number), plus the runner
+  (TaskEntry.artifact_settings: they choose which files are written, never a number) and the budgets
+  a re-run may raise to continue a job (TaskEntry.budgets), plus the runner
   settings that change numbers (pool.max_batch: kernel shapes follow the batch);
 - inputs: sha256 of the bytes of every input file the config names (TaskEntry.inputs); a folder
   counts every file under it, by relative path;
@@ -78,9 +79,10 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def numbers_config(artifact_settings: Iterable[str], resolved: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of a resolved job config (job.json's "config") that changes the job's numbers."""
-    skip = set(RUNNER_KEYS) | set(artifact_settings)
+def numbers_config(unnumbered: Iterable[str], resolved: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a resolved job config (job.json's "config") that changes the job's numbers:
+    all but the runner's keys and the task's `unnumbered` fields (TaskEntry.unnumbered)."""
+    skip = set(RUNNER_KEYS) | set(unnumbered)
     out = {k: v for k, v in resolved.items() if k not in skip}
     for section, key in NUMBERS_RUNNER_SETTINGS:
         value = (resolved.get(section) or {}).get(key)
@@ -90,7 +92,7 @@ def numbers_config(artifact_settings: Iterable[str], resolved: Mapping[str, Any]
 
 
 def config_digest(job: Job) -> str:
-    settings = numbers_config(job.task.artifact_settings, job.resolved)
+    settings = numbers_config(job.task.unnumbered(), job.resolved)
     return _sha(json.dumps(settings, sort_keys=True, default=str).encode())[:16]
 
 

@@ -33,6 +33,9 @@ class TaskEntry:
       loads itself (runner.models.WEIGHTS fields); both identify the weights in the fingerprint.
     artifact_settings: config fields that only choose which files are written (never a number), left
       out of the fingerprint.
+    budgets: config fields a re-run may raise to continue the same job (a budget of optimizer
+      updates): the task's own checkpoint state says how far it got, so they are left out of the
+      fingerprint and of the settings a used output folder must agree with.
     estimate: "" or a function of the config returning a runner.estimate.Estimate (the size of the
       job, checked against the pixel budget before any work starts).
     runner: "" or a "module:function(job, artifacts) -> (result, pool summary)" that runs a pool task
@@ -48,8 +51,13 @@ class TaskEntry:
     models: tuple[str, ...] = ()
     weights: tuple[str, ...] = ()
     artifact_settings: tuple[str, ...] = ()
+    budgets: tuple[str, ...] = ()
     estimate: str = ""
     runner: str = ""
+
+    def unnumbered(self) -> tuple[str, ...]:
+        """Config fields outside the job's fingerprint: artifact switches and budgets."""
+        return self.artifact_settings + self.budgets
 
     def config_cls(self) -> type:
         return _resolve(self.config)
@@ -107,6 +115,7 @@ TASKS: dict[str, TaskEntry] = {
         needs="control",
         inputs=("students", "cost_table"),
         models=("model",),
+        budgets=("updates",),
     ),
     "train_reference": TaskEntry(
         "train_reference",

@@ -75,7 +75,7 @@ def check_job(job: Job) -> None:
 
 
 def _settings(job: Job):
-    return lambda config: numbers_config(job.task.artifact_settings, config)
+    return lambda config: numbers_config(job.task.unnumbered(), config)
 
 
 @dataclass(frozen=True)
