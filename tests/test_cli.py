@@ -287,10 +287,10 @@ def test_every_shipped_job_packages_for_submission(path, small_image, tmp_path):
         overrides = []
     elif "task: train_reference" in text:
         overrides = [f"train_dir={small_image.parent}", f"eval_dir={small_image.parent}"]
-    elif "task: distill" in text or "task: generate" in text:
-        overrides = []  # no input files
-    elif "task: controller" in text:
+    elif "\ntask: controller" in text:  # before distill: its comments name the distill task
         overrides = [f"students={small_image.parent}"]  # a folder input, as a students bundle is
+    elif "\ntask: distill" in text or "\ntask: generate" in text:
+        overrides = []  # no input files
     else:
         overrides = [f"image={small_image}"]
     job = load_job(path, overrides)
