@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class TokenGeometry:
@@ -27,3 +29,18 @@ class TokenGeometry:
     @property
     def n(self) -> int:
         return self.n_text + self.n_img
+
+
+def index_to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host index table on `device`, queued like a kernel instead of waiting for the device.
+
+    A copy from pageable host memory to a CUDA device first synchronises the stream: the host waits
+    for every kernel already queued, so the launch queue drains and the small launches that follow
+    run one at a time. A student forward moves a few index tables per call (landmarks, gate probes,
+    their windows), 57 layers a step; from pinned memory each copy is asynchronous. The pinned block
+    comes from PyTorch's caching host allocator, which does not reuse it before the copy completes.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or index.device.type != "cpu":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from core.attention.geometry import TokenGeometry
+from core.attention.geometry import TokenGeometry, index_to
 
 QUERY_CHUNK = 4096
 
@@ -58,7 +58,7 @@ def landmark_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, *, query_chunk: int = QUERY_CHUNK
 ) -> torch.Tensor:
     """Exact softmax of q [B, H, N, d] over the keys k[:, :, index], v[:, :, index], in fp32."""
-    index = index.to(k.device)
+    index = index_to(index, k.device)
     kl = k.index_select(2, index).float()  # [B, H, L, d]
     vl = v.index_select(2, index).float()
     outs = [

@@ -27,9 +27,11 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from core.attention.geometry import TokenGeometry
+from core.attention.geometry import TokenGeometry, index_to
 
-CHUNK_ELEMENTS = 1 << 24  # gathered q, k, v and scores per chunk of tiles: 64 MiB of fp32
+# gathered q, k, v and scores per chunk: 512 MiB of fp32. At Flux's 2,100-key windows one query of
+# 24 heads gathers 13 M elements, so a smaller budget makes the 64 gate probes 64 chunks of launches.
+CHUNK_ELEMENTS = 1 << 27
 
 
 class LocalIndex(NamedTuple):
@@ -114,7 +116,7 @@ def local_attention(
     if n != geometry.n:
         raise ValueError(f"q has {n} tokens, the geometry {geometry} has {geometry.n}")
     index = local_index(geometry, tile=tile, radius=radius)
-    query, key, key_valid = (x.to(q.device) for x in index)
+    query, key, key_valid = (index_to(x, q.device) for x in index)
     out = q.new_empty((b, h, n + 1, d), dtype=torch.float32)  # row n collects the padded query slots
     n_text = geometry.n_text
     if n_text:
@@ -135,6 +137,38 @@ def local_attention(
     return out[:, :, :n].to(v.dtype)
 
 
+class WindowPlan(NamedTuple):
+    """Gather plan of `local_attention_at` for the queries at some sequence positions.
+
+    text_rows: [Nt] rows of the queries that are text tokens (they attend to every key);
+    image_rows: [Ni] rows of the image queries; key, key_valid: [Ni, K] their window's key positions
+    and validity (as `window_keys`)."""
+
+    text_rows: torch.Tensor
+    image_rows: torch.Tensor
+    key: torch.Tensor
+    key_valid: torch.Tensor
+
+    def to(self, device: torch.device) -> WindowPlan:
+        """The plan on `device`, every table copied without a stream sync (geometry.index_to)."""
+        return WindowPlan(*(index_to(x, device) for x in self))
+
+
+def window_plan(geometry: TokenGeometry, positions: torch.Tensor, *, tile: int, radius: int) -> WindowPlan:
+    """The gather plan (CPU tensors) of queries at sequence `positions` [Nq]. Positions on a device
+    are read back once; pass CPU positions where the caller has them (the gates' probes)."""
+    positions = positions.to("cpu")
+    n_text, cols = geometry.n_text, geometry.cols
+    text = (positions < n_text).nonzero().flatten()
+    image = (positions >= n_text).nonzero().flatten()
+    pos = positions[image] - n_text
+    tiles_c = math.ceil(cols / tile)
+    tile_id = ((pos // cols) // tile) * tiles_c + (pos % cols) // tile  # [n_img_q]
+    needed, which = torch.unique(tile_id, return_inverse=True)
+    key, key_valid = window_keys(geometry, needed, tile=tile, radius=radius)
+    return WindowPlan(text, image, key[which], key_valid[which])
+
+
 def local_attention_at(
     q_sub: torch.Tensor,
     k: torch.Tensor,
@@ -148,33 +182,27 @@ def local_attention_at(
 ) -> torch.Tensor:
     """Local-window softmax of queries q_sub [B, H, Nq, d] sitting at sequence `positions` [Nq] over the
     keys k, v [B, H, N, d] -> [B, H, Nq, d] fp32: row i equals local_attention(q)[:, :, positions[i]]
-    when q_sub[:, :, i] = q[:, :, positions[i]] (same window, same masked softmax)."""
+    when q_sub[:, :, i] = q[:, :, positions[i]] (same window, same masked softmax).
+
+    The plan's index tables go to the device once, before the chunk loop, so the loop queues its
+    kernels without waiting for the device."""
     b, h, nq, d = q_sub.shape
     if k.shape[2] != geometry.n or positions.shape != (nq,):
         raise ValueError(
             f"local_attention_at needs k with geometry.n = {geometry.n} tokens and one position per query, "
             f"got k {tuple(k.shape)}, q_sub {tuple(q_sub.shape)}, positions {tuple(positions.shape)}"
         )
-    positions = positions.to("cpu")
+    plan = window_plan(geometry, positions, tile=tile, radius=radius).to(k.device)
     out = q_sub.new_empty((b, h, nq, d), dtype=torch.float32)
-    n_text, cols = geometry.n_text, geometry.cols
-    text = (positions < n_text).nonzero().flatten()
-    if len(text):
-        out[:, :, text.to(q_sub.device)] = F.scaled_dot_product_attention(
-            q_sub[:, :, text.to(q_sub.device)].float(), k.float(), v.float()
+    if len(plan.text_rows):
+        out[:, :, plan.text_rows] = F.scaled_dot_product_attention(
+            q_sub[:, :, plan.text_rows].float(), k.float(), v.float()
         )
-    image = (positions >= n_text).nonzero().flatten()
-    pos = positions[image] - n_text
-    tiles_c = math.ceil(cols / tile)
-    tile_id = ((pos // cols) // tile) * tiles_c + (pos % cols) // tile  # [n_img_q]
-    needed, which = torch.unique(tile_id, return_inverse=True)
-    key, key_valid = window_keys(geometry, needed, tile=tile, radius=radius)
-    key, key_valid = key[which], key_valid[which]  # [n_img_q, K]
-    width = key.shape[1]
+    width = plan.key.shape[1]
     chunk = max(1, chunk_elements // (b * h * (2 * width * d + width + d)))
-    for s in range(0, len(image), chunk):
-        rows = image[s : s + chunk].to(q_sub.device)
-        ki, kv_ok = key[s : s + chunk].to(k.device), key_valid[s : s + chunk].to(k.device)  # [c, K]
+    for s in range(0, len(plan.image_rows), chunk):
+        rows = plan.image_rows[s : s + chunk]
+        ki, kv_ok = plan.key[s : s + chunk], plan.key_valid[s : s + chunk]  # [c, K]
         c = ki.shape[0]
         qg = q_sub[:, :, rows].float().reshape(b, h * c, 1, d)
         kg = k[:, :, ki].float().reshape(b, h * c, width, d)

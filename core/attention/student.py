@@ -40,7 +40,7 @@ from torch import nn
 from core.attention.conditioner import Conditioner, modulate
 from core.attention.config import STUDENT_FORMAT, StudentConfig
 from core.attention.gate import adaptive_alpha, disagreement, mix_branches, normalised_disagreement
-from core.attention.geometry import TokenGeometry
+from core.attention.geometry import TokenGeometry, index_to
 from core.attention.kernel import FeatureMap, KernelState, kernel_readout, kernel_state
 from core.attention.kernels.dispatch import fused_applies
 from core.attention.landmarks import landmark_attention, landmark_count, landmark_grid, landmark_indices
@@ -133,8 +133,8 @@ class Student(nn.Module):
         qf, kf, vf = q.float(), k.float(), v.float()
         state = kernel_state(kf, vf, self.phi_k)
         br = self.branches(qf, kf, vf, geometry, query_index, state)
-        probes = gate_probes(geometry).to(k.device)
-        pb = self.branches(kf[:, :, probes], kf, vf, geometry, probes, state)
+        probes = gate_probes(geometry)  # CPU positions: their window plan is built without a readback
+        pb = self.branches(kf[:, :, index_to(probes, k.device)], kf, vf, geometry, probes, state)
         mod = self.conditioner(sigma.reshape(-1), cfg.reshape(-1))
         kernel = modulate(br.kernel, mod.scale_kernel, mod.shift_kernel)
         landmark = modulate(br.landmark, mod.scale_landmark, mod.shift_landmark)
@@ -142,7 +142,7 @@ class Student(nn.Module):
         ref_l = disagreement(pb.local, modulate(pb.landmark, mod.scale_landmark, mod.shift_landmark))
         ref_k, ref_l = ref_k.mean(dim=-1, keepdim=True), ref_l.mean(dim=-1, keepdim=True)  # [B, H, 1]
         positions = torch.arange(geometry.n) if query_index is None else query_index
-        image = (positions >= geometry.n_text).to(q.device)  # [Nq]: text queries take the local branch
+        image = index_to(positions >= geometry.n_text, q.device)  # [Nq]: text queries take the local branch
         alpha_k = self._alpha(br.local, kernel, self.logit_kernel, self.gamma_kernel, mod.logit_kernel, ref_k)
         alpha_l = self._alpha(
             br.local, landmark, self.logit_landmark, self.gamma_landmark, mod.logit_landmark, ref_l

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from core.attention.geometry import TokenGeometry
+from core.attention.geometry import TokenGeometry, index_to
 from core.attention.kernels import launch as lc
 from core.attention.kernels import triton_mix, triton_window
 
@@ -52,7 +52,7 @@ def window_branches(
     n_text = geometry.n_text
     if not (q.stride() == k.stride() == v.stride()):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    landmarks = landmarks.to(k.device)
+    landmarks = index_to(landmarks, k.device)
     image = landmarks[n_text:]
     lk, lv = k.index_select(2, image).contiguous(), v.index_select(2, image).contiguous()  # [B, H, M, d]
     local = torch.empty((b, h, n, d), dtype=out_dtype, device=q.device)

@@ -19,7 +19,7 @@ import torch
 
 from core.attention.conditioner import modulate
 from core.attention.gate import disagreement, mix_branches
-from core.attention.geometry import TokenGeometry
+from core.attention.geometry import TokenGeometry, index_to
 from core.attention.kernel import KernelState
 from core.attention.kernels.branches import mix, window_branches
 from core.attention.kernels.kernel_branch import accumulate_state, feature_weights, kernel_branch
@@ -89,10 +89,10 @@ def fused_forward(
             k, v, feature_weights(student.phi_k, dot_dtype(q, interpret)), interpret=interpret
         )
     br = fused_branches(student, q, k, v, geometry, interpret=interpret, state=state)
-    probes = gate_probes(geometry).to(k.device)
+    probes = gate_probes(geometry)  # CPU positions: no readback, their tables are copied asynchronously
     with torch.no_grad():
         kv_state = KernelState(state[0].reshape(b, h, *state[0].shape[1:]), state[1].reshape(b, h, -1))
-        pb = student.branches(k[:, :, probes].float(), k, v, geometry, probes, kv_state)
+        pb = student.branches(k[:, :, index_to(probes, k.device)].float(), k, v, geometry, probes, kv_state)
     mod = student.conditioner(sigma.reshape(-1), cfg.reshape(-1))
     ref_k = disagreement(pb.local, modulate(pb.kernel, mod.scale_kernel, mod.shift_kernel)).mean(
         -1, keepdim=True
