@@ -168,6 +168,9 @@ class _Meter:
                 "capture_bytes": report.capture_bytes,
                 "sample_s": round(report.sample_s, 4),
                 "train_s": round(report.train_s, 4),
+                "capture_stall_s": round(report.capture_stall_s, 4),
+                "capture_close_s": round(report.capture_close_s, 4),
+                "capture_write_s": round(report.capture_write_s, 4),
             }
         )
 

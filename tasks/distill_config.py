@@ -60,6 +60,9 @@ class CaptureConfig:
     query_cap: queries kept per capture (with every key and value); query_mode: even (evenly spaced
       over the whole sequence, text included) or random (seeded). dtype: the captures' dtype.
     validation_fraction: share of each layer's captures held out for readiness (never trained on).
+    staging_mib: host memory for captures on their way into the store (written beside the sampling;
+      when full, the sampling waits, recorded as capture_stall_s). A step's captures should fit:
+      Flux at 2048² is about 200 MiB per capture.
     """
 
     swap_min: int = 1
@@ -68,8 +71,15 @@ class CaptureConfig:
     query_mode: str = "even"  # QUERY_MODES
     dtype: str = "bfloat16"  # core.distill.capture.CAPTURE_DTYPES
     validation_fraction: float = 0.25
+    staging_mib: int = 4096
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.staging_mib << 20
 
     def __post_init__(self) -> None:
+        if self.staging_mib < 1:
+            raise ValueError(f"capture.staging_mib must be >= 1, got {self.staging_mib}")
         if self.swap_min < 1 and self.swap_min != -1:
             raise ValueError(f"capture.swap_min must be >= 1 or -1 (all), got {self.swap_min}")
         if self.swap_max != -1 and (

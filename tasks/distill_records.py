@@ -48,6 +48,11 @@ class RunReport:
     capture_bytes: int
     sample_s: float
     train_s: float
+    # the capture writer (runner/distill/capture_writer.py): the sampling waiting for room in its
+    # bound, the sampling's end waiting for the last writes, and the writer thread's busy time
+    capture_stall_s: float = 0.0
+    capture_close_s: float = 0.0
+    capture_write_s: float = 0.0
 
 
 @dataclass(frozen=True)

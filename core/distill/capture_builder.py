@@ -5,7 +5,9 @@ teacher's output [B, S, H, D] (what a CaptureRoute's callback receives, core/att
 the capture (core/distill/capture.py) keeps, for one batch item, the queries and teacher rows at
 `query_index` and every key and value, as [1, H, n, D]. Every tensor is a fresh contiguous copy,
 so the capture outlives the forward's activations. Where the copy runs (a side stream, pinned
-memory) is the caller's decision: this is plain tensor code on the record's device.
+memory) is the caller's decision: this is plain tensor code on the record's device. The query index
+stays where the caller made it (the plan's is on the CPU): on a device, checking it would make the
+host wait for the forward.
 
 One capture per batch item: the views of one upscale batch carry their own sigma, and a capture has
 one. A call with an attention mask is refused: a student never serves a masked call, so it must not
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core.attention.geometry import index_to
 from core.distill.capture import DTYPE_NAMES, Capture, CaptureMeta
 from core.models.attention_hook import AttentionRecord
 
@@ -62,7 +65,7 @@ def build_capture(
             f"capture query_index must lie in [0, {s}) and be 1-D, got {tuple(query_index.shape)} "
             f"{query_index.tolist() if query_index.numel() <= 8 else '...'}"
         )
-    index = query_index.to(device=record.q.device, dtype=torch.int64)
+    index = index_to(query_index.to(dtype=torch.int64), record.q.device)
 
     def heads_first(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         x = x[item : item + 1].permute(0, 2, 1, 3)  # [1, H, S, D], a view
@@ -88,5 +91,5 @@ def build_capture(
         k=heads_first(record.k, None),
         v=heads_first(record.v, None),
         teacher_sub=heads_first(teacher_out, index),
-        query_index=index.clone(),
+        query_index=query_index.to(dtype=torch.int64).clone(),  # on the caller's device (the plan's: CPU)
     )

@@ -256,6 +256,7 @@ class DistillJob:
             "workers": self.workers_.infos(),
             "pool": {"name": self.pool.name, "size": self.pool.size, **self.pool.facts},
             "worker_busy_s": {str(k): round(v, 3) for k, v in sorted(self.busy_s.items())},
+            "worker_memory": self.workers_.call_ready("memory", replace=False),
             "replay": {"config": self.replay_cfg, "stats": self._store_stats()},
             "chunk_restarts": self.restarts,
             "fallbacks": self.workers_.fallbacks,

@@ -7,7 +7,7 @@ owns, for every layer of the layer groups assigned to its worker, a `LayerTraine
 
     sample: generation from noise with a CaptureRoute on the run's group; per step the plan's swap
             set of that group is captured (a query subsample with every key and value) into the
-            node's replay store
+            node's replay store, written by a thread beside the sampling (capture_writer.py)
     train:  per layer of the group, updates_per_capture x its new training captures (capped by the
             budget left) optimizer updates on captures sampled from the store
     validate: each layer on held-out captures; readiness observes them and flushes once
@@ -42,6 +42,7 @@ from core.models.backbone import Cond
 from core.models.forward import forward_batch
 from core.models.loading import LoadedModel
 from core.rope.spec import RopeSpec
+from runner.distill.capture_writer import CaptureWriter, StagingPool, WriterReport
 from runner.replay import client_for_node
 from tasks.distill_config import DistillConfig
 from tasks.distill_records import LayerReport, RunReport
@@ -88,6 +89,7 @@ class _RunCaptures:
     train: dict[str, int] = field(default_factory=dict)
     val: dict[str, int] = field(default_factory=dict)
     nbytes: int = 0
+    writer: WriterReport = field(default_factory=WriterReport)
 
 
 class DistillSession:
@@ -113,6 +115,7 @@ class DistillSession:
         param = next(transformer.parameters())
         self.conds = {i: c.to(device, param.dtype) for i, c in conds.items()}
         self.store = client_for_node()
+        self.staging = StagingPool(cfg.capture.staging_bytes) if device.type == "cuda" else None
         t = transformer.config
         self.slots: dict[str, LayerSlot] = {}
         for g, keys in self.groups.items():
@@ -151,6 +154,9 @@ class DistillSession:
             capture_bytes=captured.nbytes,
             sample_s=sampled_s,
             train_s=time.perf_counter() - start - sampled_s,
+            capture_stall_s=captured.writer.stall_s,
+            capture_close_s=captured.writer.close_s,
+            capture_write_s=captured.writer.write_s,
         )
 
     def _sample(self, run: TeacherRun, keys: tuple[str, ...]) -> _RunCaptures:
@@ -160,6 +166,8 @@ class DistillSession:
         h, w = run.height // f, run.width // f
         captured = _RunCaptures()
         swaps: dict[int, frozenset[str]] = {}
+        dtype = CAPTURE_DTYPES[cfg.capture.dtype]
+        writer = CaptureWriter(self._store_insert, self.staging, limit_bytes=cfg.capture.staging_bytes)
 
         def keep(record: AttentionRecord, out: torch.Tensor) -> None:
             step = int(record.step)
@@ -167,7 +175,9 @@ class DistillSession:
                 swaps[step] = frozenset(plan.swap_set(run.index, step))
             if record.layer in swaps[step]:
                 idx = plan.query_index(run.index, step, record.layer, record.q.shape[1])
-                self._insert(record, out, idx, run, captured)
+                source = CaptureSource(prompt_id=run.prompt_id, seed_id=run.seed_id)
+                for b in range(record.q.shape[0]):  # one capture per batch item
+                    writer.submit(build_capture(record, out, idx, source, item=b, dtype=dtype))
 
         sigmas = generation_sigmas(h, w, cfg.teacher.steps)
         x = generation_noise(backbone.latent_channels, h, w, run.seed).to(self.device)
@@ -178,24 +188,17 @@ class DistillSession:
             return forward_batch(backbone, cond, x, s, ROPE, step=step, view_ids=(0,))
 
         route = CaptureRoute(keep)
-        with attach(backbone.transformer, route, LayerSet.parse(",".join(keys))):  # type: ignore[attr-defined]
+        with writer, attach(backbone.transformer, route, LayerSet.parse(",".join(keys))):  # type: ignore[attr-defined]
             sample_euler(model_fn, x, sigmas)
+        for layer, inserted, nbytes in writer.report.inserted:
+            table = captured.train if inserted.split == "train" else captured.val
+            table[layer] = table.get(layer, 0) + 1
+            captured.nbytes += nbytes
+        captured.writer = writer.report
         return captured
 
-    def _insert(
-        self, record: AttentionRecord, out: torch.Tensor, idx: torch.Tensor, run: TeacherRun, captured
-    ) -> None:
-        """One capture per batch item into the node's store (a copy on the CPU in the capture dtype)."""
-        dtype = CAPTURE_DTYPES[self.cfg.capture.dtype]
-        source = CaptureSource(prompt_id=run.prompt_id, seed_id=run.seed_id)
-        for b in range(record.q.shape[0]):
-            capture = build_capture(record, out, idx, source, item=b, dtype=dtype)
-            if capture.k.device.type != "cpu":
-                capture = capture.copy_to("cpu")
-            inserted = self.store.insert(capture, timeout_s=INSERT_TIMEOUT_S)
-            table = captured.train if inserted.split == "train" else captured.val
-            table[record.layer] = table.get(record.layer, 0) + 1
-            captured.nbytes += capture.nbytes
+    def _store_insert(self, capture):
+        return self.store.insert(capture, timeout_s=INSERT_TIMEOUT_S)
 
     # -- training --------------------------------------------------------------------------------
     def _train_and_validate(self, slot: LayerSlot, captured: _RunCaptures) -> LayerReport:

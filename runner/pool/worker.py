@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import resource
 import socket
 import threading
 import time
@@ -434,10 +435,11 @@ class ModelWorker:
         return torch.cat([first, second])
 
     def memory(self) -> dict:
-        """Peak and current GPU memory of this worker, in GiB (empty on a CPU)."""
-        if self.device.type != "cuda":
-            return {}
+        """Peak and current GPU memory of this worker, in GiB; on a CPU the process's peak resident
+        memory (Linux reports ru_maxrss in KiB)."""
         gib = 1024**3
+        if self.device.type != "cuda":
+            return {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
         return {
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated(self.device) / gib, 3),
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved(self.device) / gib, 3),
