@@ -52,6 +52,9 @@ def size_row(gen: dict, distill: dict) -> dict:
         "captures": captures,
         "capture_bytes": sum(r["capture_bytes"] for r in runs),
         "captures_per_s_sampling": round(captures / sum(r["sample_s"] for r in runs), 3),
+        "capture_writer_s_runs": [
+            {k: r.get(k) for k in ("capture_stall_s", "capture_close_s", "capture_write_s")} for r in runs
+        ],
         "train_s_runs": train,
         "updates": summary.get("updates"),
         "throughput": distill["records"]["throughput"],
@@ -61,7 +64,7 @@ def size_row(gen: dict, distill: dict) -> dict:
         ),
         "updates_per_s_training": round(summary.get("updates", 0) / max(sum(train), 1e-9), 3),
         "peak_allocated_gib_generate": peaks(gen.get("pool", {})),
-        "peak_allocated_gib_distill": peaks(distill.get("pool", {})),
+        "peak_allocated_gib_distill": peaks(distill),
         "fallbacks": distill.get("fallbacks", []),
         "oom_ladders": distill["records"].get("oom_ladders"),
     }
