@@ -71,11 +71,15 @@ def test_a_query_does_not_depend_on_the_other_queries(trained):
 
 
 @pytest.mark.parametrize(("tile", "radius"), [(4, 1), (3, 0), (8, 2)])
-def test_local_subset_gather_equals_the_tiled_local_attention(tile, radius):
+@pytest.mark.parametrize("mask_elements", [0, 10**6], ids=["gathered", "masked"])
+def test_local_subset_equals_the_tiled_local_attention(tile, radius, mask_elements):
     q, k, v = qkv()
     full = local_attention(q, k, v, GEOMETRY, tile=tile, radius=radius)
-    idx = torch.tensor([62, 0, 2, 3, 10, 17, 40, 41, 12, 3])
-    sub = local_attention_at(q[:, :, idx], k, v, GEOMETRY, idx, tile=tile, radius=radius, chunk_elements=4096)
+    idx = torch.tensor([62, 0, 2, 3, 10, 17, 40, 41, 12, 3])  # text queries 0, 2, a repeat
+    sub = local_attention_at(
+        q[:, :, idx], k, v, GEOMETRY, idx, tile=tile, radius=radius, chunk_elements=4096,
+        mask_elements=mask_elements,
+    )  # fmt: skip
     assert (sub - full[:, :, idx]).abs().max().item() <= ATOL
 
 
