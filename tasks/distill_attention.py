@@ -31,17 +31,27 @@ class AttentionConfig:
     """students: a students folder (runner/distill/bundle.py); layers: "ready" or a layer set
     (core.models.attention_hook.LayerSet syntax) restricting which ready layers serve; controller:
     a controller file trained on this bundle (task: controller), "" for none; policy and
-    quality_speed: how its decisions are made (core/control/inference.py)."""
+    quality_speed: how its decisions are made (core/control/inference.py); min_image_tokens: attention
+    calls of fewer image tokens keep the teacher (where the student is slower: the small views of
+    a progressive upscale), counted as `small` in job.json, 0 for none."""
 
     students: str
     layers: str = READY
     controller: str = ""
     policy: InferenceMode = "threshold"
     quality_speed: float = 0.5
+    min_image_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.students:
             raise ValueError("attention.students must name a students folder, got ''")
+        if self.min_image_tokens < 0:
+            raise ValueError(f"attention.min_image_tokens must be >= 0, got {self.min_image_tokens}")
+        if self.min_image_tokens and self.controller:
+            raise ValueError(
+                "attention.min_image_tokens applies to students routed without a controller; "
+                f"got min_image_tokens={self.min_image_tokens} with controller={self.controller!r}"
+            )
         if self.layers != READY:
             try:
                 LayerSet.parse(self.layers)

@@ -276,6 +276,20 @@ def test_a_nan_student_falls_back_to_the_teacher_and_is_counted(reference, views
     assert record["total"]["fallbacks"] == 4 and record["total"]["student"] == 0
 
 
+def test_calls_below_min_image_tokens_keep_the_teacher_and_are_counted(reference, views, reference_student):
+    backbone, cond = reference
+    plain = velocity(backbone, cond, *views)  # 8 x 8 = 64 image tokens per view
+    small = StudentRoute({"single:2": reference_student}, ready=["single:2"], min_image_tokens=65)
+    with attach(backbone.transformer, small, LayerSet.parse("single:2")):
+        assert torch.equal(velocity(backbone, cond, *views), plain)
+    counts = small.counters.layers["single:2"]
+    assert (counts.small, counts.teacher, counts.student, counts.fallbacks) == (1, 1, 0, 0)
+    served = StudentRoute({"single:2": reference_student}, ready=["single:2"], min_image_tokens=64)
+    with attach(backbone.transformer, served, LayerSet.parse("single:2")):
+        assert not torch.equal(velocity(backbone, cond, *views), plain)
+    assert served.counters.layers["single:2"].student == 1
+
+
 def test_a_masked_call_falls_back_to_the_teacher(reference, views, reference_student):
     backbone, cond = reference
     recorder = Recorder()

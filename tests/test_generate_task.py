@@ -69,6 +69,10 @@ def test_config_errors_name_the_field():
         GenerateConfig(seeds=(1, 1))
     with pytest.raises(ValueError, match="attention.layers must be 'ready' or a layer set"):
         AttentionConfig(students="x", layers="single:zz")
+    with pytest.raises(ValueError, match="attention.min_image_tokens must be >= 0, got -1"):
+        AttentionConfig(students="x", min_image_tokens=-1)
+    with pytest.raises(ValueError, match="min_image_tokens applies to students routed without a controller"):
+        AttentionConfig(students="x", controller="c.pt", min_image_tokens=4096)
 
 
 def test_students_serve_only_their_ready_layers(model, tmp_path):

@@ -21,6 +21,8 @@ class LayerCounters:
     nonfinite_local, nonfinite_kernel, nonfinite_landmark, nonfinite_output: which parts held
         the non-finite values (a call may count in several).
     min_denominator: the smallest kernel-branch denominator seen (None before the first student call).
+    small: calls the student route gave the teacher by design because their image tokens were below
+        its `min_image_tokens` (the size under which the student is slower; not a fallback).
     """
 
     calls: int = 0
@@ -36,6 +38,7 @@ class LayerCounters:
     nonfinite_landmark: int = 0
     nonfinite_output: int = 0
     min_denominator: float | None = None
+    small: int = 0
 
     @property
     def fallbacks(self) -> int:

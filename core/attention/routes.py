@@ -75,9 +75,16 @@ class StudentRoute:
 
     students: {"single:i": Student, ...} on the transformer's device (the route does not move them).
     ready: the keys marked ready at construction; `mark_ready` changes them (a readiness gate's call).
+    min_image_tokens: calls with fewer image tokens (rows x cols) go to the teacher by design: below
+        some size a student is slower than SDPA (on an H200, Flux's layers break even near 2048 px).
     """
 
-    def __init__(self, students: Mapping[str, Student], *, ready: Iterable[str] = ()) -> None:
+    def __init__(
+        self, students: Mapping[str, Student], *, ready: Iterable[str] = (), min_image_tokens: int = 0
+    ) -> None:
+        if min_image_tokens < 0:
+            raise ValueError(f"min_image_tokens must be >= 0, got {min_image_tokens}")
+        self.min_image_tokens = min_image_tokens
         self.students = dict(students)
         self.ready: set[str] = set()
         for key in ready:
@@ -104,6 +111,10 @@ class StudentRoute:
             return teacher_attention(record)
         if record.mask is not None:
             c.mask += 1
+            return teacher_attention(record)
+        if record.rows * record.cols < self.min_image_tokens:
+            c.small += 1
+            c.teacher += 1
             return teacher_attention(record)
         result = self._student(student, record)
         c.note_denominator(result.min_denominator)

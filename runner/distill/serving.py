@@ -55,7 +55,7 @@ class ServedStudents:
         self.cfg = cfg
         self.layers = routed_layers(bundle, cfg, tuple(layer_keys(transformer)))
         students = {k: bundle.layers[k].build(device) for k in self.layers}
-        self.route = StudentRoute(students, ready=self.layers)
+        self.route = StudentRoute(students, ready=self.layers, min_image_tokens=cfg.min_image_tokens)
         control = cfg.control()
         self.controlled = (
             None
