@@ -152,6 +152,7 @@ class StudentsServing:
         return {
             "students": self.cfg.students,
             "layers": self.cfg.layers,
+            "min_image_tokens": self.cfg.min_image_tokens,
             "routed": list(self.routed),
             "not_routed": {k: _why_not(e) for k, e in self.bundle.layers.items() if k not in self.routed},
             "served_calls": total.student,
