@@ -32,7 +32,10 @@ from core.attention.geometry import TokenGeometry, index_to
 # gathered q, k, v and scores per chunk: 512 MiB of fp32. At Flux's 2,100-key windows one query of
 # 24 heads gathers 13 M elements, so a smaller budget makes the 64 gate probes 64 chunks of launches.
 CHUNK_ELEMENTS = 1 << 27
-MASK_ELEMENTS = 1 << 24  # queries x keys of local_attention_at's dense mask (16 MiB of bool)
+# queries x keys below which local_attention_at takes its dense mask. Measured on an H200 for the 64
+# gate probes (bench/results/attention_bench_masked_probes.json against attention_bench.json): the
+# mask is faster at 4,608 and 16,896 keys (0.3 M and 1.1 M elements), slower at 66,048 (4.2 M).
+MASK_ELEMENTS = 1 << 21
 
 
 class LocalIndex(NamedTuple):
@@ -196,11 +199,12 @@ def local_attention_at(
     keys k, v [B, H, N, d] -> [B, H, Nq, d] fp32: row i equals local_attention(q)[:, :, positions[i]]
     when q_sub[:, :, i] = q[:, :, positions[i]] (same window, same masked softmax).
 
-    Few queries (Nq x N <= mask_elements: the gates' 64 probes, a capture's queries) take one masked
-    attention over every key, which reads k and v once; gathering each query's own window instead
-    copies its ~1,000 keys per query and head (at Flux's 66K tokens, 6 ms for the 64 probes against
-    1 ms). More queries gather their windows in chunks, so memory stays bounded. The plan's index
-    tables go to the device once, without a stream sync."""
+    Few queries over few keys (Nq x N <= mask_elements: the gates' 64 probes up to ~32K tokens)
+    take one masked attention over every key, which reads k and v once; gathering each query's own
+    window instead copies its ~1,000 keys per query and head (6 ms for Flux's 64 probes at any
+    size). Past that the dense scores cost more than the gather, and the windows are gathered in
+    chunks, so memory stays bounded. The plan's index tables go to the device once, without a
+    stream sync."""
     b, h, nq, d = q_sub.shape
     if k.shape[2] != geometry.n or positions.shape != (nq,):
         raise ValueError(
