@@ -286,6 +286,16 @@ class ReplayPolicy:
         else:
             self._drop(e)
 
+    def clear_layer(self, layer: str) -> list[ReplayEntry]:
+        """Drop every committed capture of `layer`, training and held out (an OOM ladder clears the
+        layer's buffer): the entries dropped, whose files the runner deletes. Inserts in flight and
+        quarantined captures are left to their own paths; the layer's draw and split counters go on,
+        so what it gets next is still a function of its own history."""
+        gone = [e for e in self.entries.values() if e.layer == layer and e.state == "ready"]
+        for e in gone:
+            self._drop(e)
+        return gone
+
     def _drop(self, e: ReplayEntry) -> None:
         self._unlist(e)
         self.ledgers[e.tier].remove_ready(e.order, e.nbytes)

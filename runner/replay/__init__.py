@@ -24,11 +24,19 @@ from runner.replay.actor import (
 )
 from runner.replay.client import Inserted, ReplayClient, ReplayTimeout, SampledCapture
 from runner.replay.config import ReplayConfig
-from runner.replay.store import InsertTicket, QuarantineRecord, ReplayStats, ReplayStore, SampleRef
+from runner.replay.store import (
+    ClearedLayer,
+    InsertTicket,
+    QuarantineRecord,
+    ReplayStats,
+    ReplayStore,
+    SampleRef,
+)
 from runner.replay.tier_files import TierFull
 
 __all__ = [
     "NAMESPACE",
+    "ClearedLayer",
     "InsertTicket",
     "Inserted",
     "QuarantineRecord",

@@ -49,7 +49,7 @@ from runner.replay.shards import (
     with_order,
     write_shard,
 )
-from runner.replay.store import InsertTicket, ReplayStore, SampleRef
+from runner.replay.store import ClearedLayer, InsertTicket, ReplayStore, SampleRef
 
 VERIFIED_CACHE = 65536  # shards whose CRC this process has checked (keys only, a few MB at most)
 MAP_CACHE_BYTES = 1 << 30  # shards kept mapped between samples (re-mapping costs more than the copy)
@@ -216,6 +216,13 @@ class ReplayClient:
             if len(self._verified) > VERIFIED_CACHE:
                 self._verified.popitem(last=False)
         return problem
+
+    def clear_layer(self, layer: str) -> ClearedLayer:
+        """Delete every committed capture of `layer` from the store (ReplayStore.clear_layer), and let
+        go of this process's kept maps of their files, so their pages are freed here too."""
+        cleared = self._call("clear_layer", layer)
+        self._forget_deleted_maps()
+        return cleared
 
     # ---- the rest of the store's surface ----------------------------------------------------
     def stats(self):

@@ -68,6 +68,15 @@ class SampleRef:
 
 
 @dataclass(frozen=True)
+class ClearedLayer:
+    """What `clear_layer` deleted: the layer's committed captures and their bytes."""
+
+    layer: str
+    captures: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class QuarantineRecord:
     order: int
     layer: str
@@ -85,6 +94,8 @@ class StoreCounters:
     evicted: int = 0
     evicted_bytes: int = 0
     discarded: int = 0
+    cleared: int = 0
+    cleared_bytes: int = 0
     sampled: int = 0
     validation_sampled: int = 0
     missing_on_load: int = 0
@@ -220,6 +231,18 @@ class ReplayStore:
         key = f"{call}:{b.reason}"
         self.counters.blocked[key] = self.counters.blocked.get(key, 0) + 1
         return b
+
+    def clear_layer(self, layer: str) -> ClearedLayer:
+        """Delete every committed capture of `layer` (its training and held-out ones) and their files:
+        what an OOM ladder's rung asks for that layer. Other layers are untouched."""
+        gone = self.policy.clear_layer(layer)
+        for e in gone:
+            self.dirs.delete(e.tier, e.order)
+            del self._shards[e.order]
+        nbytes = sum(e.nbytes for e in gone)
+        self.counters.cleared += len(gone)
+        self.counters.cleared_bytes += nbytes
+        return ClearedLayer(layer, len(gone), nbytes)
 
     # ---- damage -----------------------------------------------------------------------------
     def report_damaged(self, order: int, reason: str) -> bool:
