@@ -155,7 +155,7 @@ def _roundtrip(state):
 
 def test_resume_equals_an_uninterrupted_run(captures):
     def run(t, steps):
-        return [t.update(captures[i % 4 : i % 4 + 2], query_cap=16) for i in steps]
+        return [t.update(captures[i % 4 : i % 4 + 2], caps=t.default_caps(16)) for i in steps]
 
     straight = trainer(seed=3, captures_per_update=2)
     expected = run(straight, range(4))

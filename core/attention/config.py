@@ -61,3 +61,25 @@ class StudentConfig:
             raise ValueError(f"student.alpha_max must be in (0, 0.5], got {self.alpha_max}")
         if not 0.0 < self.alpha_init < 1.0:
             raise ValueError(f"student.alpha_init must be in (0, 1), got {self.alpha_init}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwardLimits:
+    """Working-set limits of one student forward, for this call only (a trainer's out-of-memory ladder
+    lowers them, core/distill/oom_ladder.py); None keeps the branch's own default.
+
+    query_chunk: queries read out at once (kernel and landmark branches); key_chunk: keys summarised at
+    once (kernel branch); landmark_cap: at most this many image landmarks, below config.landmark_max.
+    The chunks change only the order of fp32 sums; the landmark cap changes the function for the call,
+    while the student's config, and so what it serves, stay as they are.
+    """
+
+    query_chunk: int | None = None
+    key_chunk: int | None = None
+    landmark_cap: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("query_chunk", "key_chunk", "landmark_cap"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"forward limits.{name} must be >= 1 or None, got {value}")

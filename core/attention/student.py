@@ -38,11 +38,19 @@ import torch
 from torch import nn
 
 from core.attention.conditioner import Conditioner, modulate
-from core.attention.config import STUDENT_FORMAT, StudentConfig
+from core.attention.config import STUDENT_FORMAT, ForwardLimits, StudentConfig
 from core.attention.gate import adaptive_alpha, disagreement, mix_branches, normalised_disagreement
 from core.attention.geometry import TokenGeometry, index_to
-from core.attention.kernel import FeatureMap, KernelState, kernel_readout, kernel_state
+from core.attention.kernel import (
+    KEY_CHUNK,
+    QUERY_CHUNK,
+    FeatureMap,
+    KernelState,
+    kernel_readout,
+    kernel_state,
+)
 from core.attention.kernels.dispatch import fused_applies
+from core.attention.landmarks import QUERY_CHUNK as LANDMARK_QUERY_CHUNK
 from core.attention.landmarks import landmark_attention, landmark_count, landmark_grid, landmark_indices
 from core.attention.local import local_attention, local_attention_at
 
@@ -90,22 +98,29 @@ class Student(nn.Module):
         geometry: TokenGeometry,
         query_index: torch.Tensor | None = None,
         state: KernelState | None = None,
+        limits: ForwardLimits | None = None,
     ) -> Branches:
         """The three branch outputs for fp32 queries q [B, H, Nq, d] at sequence positions `query_index`
         ([Nq] int64; None: every position, Nq = N) over the full k, v [B, H, N, d], before modulation
-        and mixing. `state`: the kernel branch's key summary, if already computed for these k, v."""
-        cfg = self.config
+        and mixing. `state`: the kernel branch's key summary, if already computed for these k, v.
+        `limits`: this call's chunk sizes and landmark cap (ForwardLimits; None: the defaults)."""
+        cfg, lim = self.config, limits or ForwardLimits()
         if query_index is None:
             local = local_attention(q, k, v, geometry, tile=cfg.local_tile, radius=cfg.local_radius)
         else:
             local = local_attention_at(
                 q, k, v, geometry, query_index, tile=cfg.local_tile, radius=cfg.local_radius
             )
-        kernel = kernel_readout(q, kernel_state(k, v, self.phi_k) if state is None else state, self.phi_q)
+        if state is None:
+            state = kernel_state(k, v, self.phi_k, key_chunk=lim.key_chunk or KEY_CHUNK)
+        kernel = kernel_readout(q, state, self.phi_q, query_chunk=lim.query_chunk or QUERY_CHUNK)
+        most = cfg.landmark_max if lim.landmark_cap is None else min(cfg.landmark_max, lim.landmark_cap)
         m = landmark_count(
-            geometry.n_img, fraction=cfg.landmark_fraction, minimum=cfg.landmark_min, maximum=cfg.landmark_max
+            geometry.n_img, fraction=cfg.landmark_fraction, minimum=cfg.landmark_min, maximum=most
         )
-        landmark = landmark_attention(q, k, v, landmark_indices(geometry, m))
+        landmark = landmark_attention(
+            q, k, v, landmark_indices(geometry, m), query_chunk=lim.query_chunk or LANDMARK_QUERY_CHUNK
+        )
         return Branches(local, kernel.out, landmark, kernel.min_denominator)
 
     def forward(
@@ -118,23 +133,27 @@ class Student(nn.Module):
         cfg: torch.Tensor,
         *,
         query_index: torch.Tensor | None = None,
+        limits: ForwardLimits | None = None,
     ) -> StudentOutput:
         """q [B, H, Nq, d], k, v [B, H, N, d] (post-RoPE, text first), sigma and cfg [B] -> StudentOutput.
 
         query_index: [Nq] int64 sequence positions of the rows of q (a distillation capture's query
         subsample); None means every position. The output's row i equals row query_index[i] of the
         full forward (to fp32 rounding): no part of a query's output depends on the other queries.
+        limits: this call's chunk sizes and landmark cap (a trainer's OOM ladder); the config is left
+        as it is. A call with limits takes this reference path, not the fused kernels.
         """
         self._check_shapes(q, k, v, geometry, query_index)
-        if query_index is None and fused_applies(self.config, q, k, v):  # GPU kernels, tested against this
+        whole = query_index is None and limits is None
+        if whole and fused_applies(self.config, q, k, v):  # GPU kernels, tested against this
             from core.attention.kernels.fused_student import fused_forward  # imports Triton
 
             return fused_forward(self, q, k, v, geometry, sigma, cfg)
         qf, kf, vf = q.float(), k.float(), v.float()
-        state = kernel_state(kf, vf, self.phi_k)
-        br = self.branches(qf, kf, vf, geometry, query_index, state)
+        state = kernel_state(kf, vf, self.phi_k, key_chunk=(limits or ForwardLimits()).key_chunk or KEY_CHUNK)
+        br = self.branches(qf, kf, vf, geometry, query_index, state, limits)
         probes = gate_probes(geometry)  # CPU positions: their window plan is built without a readback
-        pb = self.branches(kf[:, :, index_to(probes, k.device)], kf, vf, geometry, probes, state)
+        pb = self.branches(kf[:, :, index_to(probes, k.device)], kf, vf, geometry, probes, state, limits)
         mod = self.conditioner(sigma.reshape(-1), cfg.reshape(-1))
         kernel = modulate(br.kernel, mod.scale_kernel, mod.shift_kernel)
         landmark = modulate(br.landmark, mod.scale_landmark, mod.shift_landmark)

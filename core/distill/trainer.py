@@ -16,6 +16,14 @@ counts.
   the two log-variances (lr, no weight decay).
 - A non-finite loss or gradient norm skips the step (the weights stay as they were), is counted and
   reported `finite=False`: readiness then fails closed (core/distill/readiness.py).
+- Caps (`TrainCaps`, what an out-of-memory ladder sets, core/distill/oom_ladder.py): each update
+  trains on at most `query_cap` of a capture's queries and runs the student's forward with the
+  ladder's query chunk, key chunk and landmark cap as per-call limits (core/attention/config.py
+  ForwardLimits): the student's config, and what it serves, stay as they are.
+- Memory budget (`memory_budget_mib`, 0 = off): before each capture's forward the step's estimated
+  bytes at the caps (core/distill/memory.py) are checked against it, and a step over it raises
+  torch.OutOfMemoryError before anything is allocated: the caller's ladder handles it as it handles
+  the allocator's own.
 - Randomness: only the query thinning (a capture holding more queries than the `query_cap` an OOM
   ladder set), from a CPU generator seeded by `seed`, which state_dict() carries, so a resumed
   trainer continues exactly as an uninterrupted one.
@@ -30,10 +38,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from core.attention.config import ForwardLimits
 from core.attention.geometry import TokenGeometry
+from core.attention.kernel import KEY_CHUNK, QUERY_CHUNK
 from core.attention.student import Student
 from core.distill.capture import Capture
 from core.distill.loss import DistillLossConfig, KendallWeights, cosine_distance, distill_loss, nmse
+from core.distill.memory import StepShape, training_step_bytes
+from core.distill.oom_ladder import TrainCaps
 
 TRAINER_FORMAT = 1
 GATE_PARAMETERS = ("logit_kernel", "logit_landmark", "gamma_kernel", "gamma_landmark")
@@ -42,7 +54,9 @@ GATE_PARAMETERS = ("logit_kernel", "logit_landmark", "gamma_kernel", "gamma_land
 @dataclass(frozen=True, kw_only=True)
 class TrainerConfig:
     """lr: feature maps and conditioner (and the log-variances); gate_lr: the gate logits and slopes.
-    captures_per_update: captures the caller draws for one update (their gradients are averaged)."""
+    captures_per_update: captures the caller draws for one update (their gradients are averaged).
+    memory_budget_mib: the most a training step may take by the estimate of core/distill/memory.py
+    (0 = no check): over it, the step raises torch.OutOfMemoryError and the OOM ladder steps down."""
 
     lr: float = 5e-4
     gate_lr: float = 2.5e-3
@@ -50,6 +64,7 @@ class TrainerConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     captures_per_update: int = 1
+    memory_budget_mib: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("lr", "gate_lr", "grad_clip"):
@@ -61,6 +76,10 @@ class TrainerConfig:
             raise ValueError(f"trainer.betas must be two values in [0, 1), got {self.betas}")
         if self.captures_per_update < 1:
             raise ValueError(f"trainer.captures_per_update must be >= 1, got {self.captures_per_update}")
+        if not self.memory_budget_mib >= 0:
+            raise ValueError(
+                f"trainer.memory_budget_mib must be >= 0 (0 = off), got {self.memory_budget_mib}"
+            )
 
 
 class UpdateStats(NamedTuple):
@@ -127,17 +146,31 @@ class LayerTrainer:
     def device(self) -> torch.device:
         return next(self.student.parameters()).device
 
-    def update(self, captures: Sequence[Capture], *, query_cap: int | None = None) -> UpdateStats:
-        """One optimiser update on `captures` (their losses averaged). query_cap: keep at most this many
-        of each capture's queries (a seeded random subset), as an OOM ladder asks."""
+    def default_caps(self, query_cap: int) -> TrainCaps:
+        """An OOM ladder's rung 0: `query_cap` and the student's own chunk sizes and landmark cap, so a
+        trainer at rung 0 computes what a call without caps does."""
+        return TrainCaps(
+            query_cap=query_cap,
+            query_chunk=QUERY_CHUNK,
+            key_chunk=KEY_CHUNK,
+            landmark_cap=self.student.config.landmark_max,
+        )
+
+    def update(self, captures: Sequence[Capture], *, caps: TrainCaps | None = None) -> UpdateStats:
+        """One optimiser update on `captures` (their losses averaged). caps: an OOM ladder's rung: at
+        most caps.query_cap of each capture's queries (a seeded random subset), and the student's
+        forward at its chunk sizes and landmark cap; None: every query, the student's defaults.
+        Raises torch.OutOfMemoryError, before any forward, when a capture's step is over the budget."""
         if not captures:
             raise ValueError("LayerTrainer.update needs at least one capture")
+        for capture in captures:
+            self._check_memory(capture, caps)
         with torch.inference_mode(False), torch.enable_grad():
             self.student.train()
             self.optimizer.zero_grad(set_to_none=True)
             sums = torch.zeros(4, device=self.device)
             for capture in captures:
-                parts = distill_loss(*self._forward(capture, query_cap), self.weights, self.loss_cfg)
+                parts = distill_loss(*self._forward(capture, caps), self.weights, self.loss_cfg)
                 (parts.total / len(captures)).backward()
                 sums += torch.stack(
                     [parts.total.detach(), parts.smooth_l1, parts.cosine_distance, parts.nmse]
@@ -157,12 +190,12 @@ class LayerTrainer:
         loss, l1, cos, err, norm, gate = values
         return UpdateStats(loss, l1, cos, err, gate, norm, finite)
 
-    @torch.no_grad()
     def evaluate(self, captures: Sequence[Capture]) -> EvalStats:
         """Cosine distance, NMSE and finiteness of the student on `captures` (validation), without grad."""
         if not captures:
             raise ValueError("LayerTrainer.evaluate needs at least one capture")
-        with torch.inference_mode(False):
+        # no_grad inside: inference_mode(False) turns grad mode back on, whatever was outside it
+        with torch.inference_mode(False), torch.no_grad():
             self.student.eval()
             rows = []
             for capture in captures:
@@ -174,13 +207,30 @@ class LayerTrainer:
             mean_dist, mean_nmse = values.mean(dim=0).tolist()
         return EvalStats(mean_dist, mean_nmse, 1.0 - mean_dist, finite, tuple(dists))
 
-    def _forward(self, capture: Capture, query_cap: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_bytes(self, capture: Capture, caps: TrainCaps | None) -> int:
+        """The estimated bytes of a training step on `capture` at `caps` (core/distill/memory.py)."""
+        b, h, nq, d = capture.q_sub.shape
+        geometry = capture_geometry(capture)
+        shape = StepShape(b, h, d, nq, geometry.n, geometry.n_text, geometry.n_img)
+        caps = caps or self.default_caps(nq)
+        parameters = sum(p.numel() for p in self.student.parameters()) + 2
+        return training_step_bytes(shape, self.student.config, caps, parameters=parameters)
+
+    def _check_memory(self, capture: Capture, caps: TrainCaps | None) -> None:
+        budget = self.cfg.memory_budget_mib
+        if budget and (need := self.step_bytes(capture, caps)) > budget * 2**20:
+            raise torch.OutOfMemoryError(
+                f"training step of layer {capture.meta.layer!r} at {caps}: an estimated {need} bytes, over "
+                f"trainer.memory_budget_mib={budget:g} ({int(budget * 2**20)} bytes)"
+            )
+
+    def _forward(self, capture: Capture, caps: TrainCaps | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(student output, teacher rows), both [B, H, Nq, D] fp32, for one capture."""
         device = self.device
         index = capture.query_index
         keep = None
-        if query_cap is not None and index.shape[0] > query_cap:
-            keep = torch.randperm(index.shape[0], generator=self.generator)[:query_cap].sort().values
+        if caps is not None and index.shape[0] > caps.query_cap:
+            keep = torch.randperm(index.shape[0], generator=self.generator)[: caps.query_cap].sort().values
             index = index[keep]
         q, t = capture.q_sub, capture.teacher_sub
         if keep is not None:
@@ -190,7 +240,13 @@ class LayerTrainer:
         b = k.shape[0]
         sigma = torch.full((b,), capture.meta.sigma, device=device)
         cfg = torch.full((b,), capture.meta.cfg, device=device)
-        out = self.student(q, k, v, capture_geometry(capture), sigma, cfg, query_index=index.to(device))
+        limits = None
+        if caps is not None:
+            limits = ForwardLimits(
+                query_chunk=caps.query_chunk, key_chunk=caps.key_chunk, landmark_cap=caps.landmark_cap
+            )
+        geometry = capture_geometry(capture)
+        out = self.student(q, k, v, geometry, sigma, cfg, query_index=index.to(device), limits=limits)
         return out.out, t
 
     def _gate(self) -> torch.Tensor:

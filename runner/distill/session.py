@@ -30,7 +30,7 @@ from core.attention.routes import CaptureRoute
 from core.attention.student import build_student
 from core.distill.capture import CAPTURE_DTYPES
 from core.distill.capture_builder import CaptureSource, build_capture
-from core.distill.oom_ladder import OomLadder, TrainCaps
+from core.distill.oom_ladder import OomLadder
 from core.distill.plan import TeacherRun
 from core.distill.readiness import LayerReadiness
 from core.distill.trainer import LayerTrainer, UpdateStats
@@ -50,7 +50,6 @@ from tasks.distill_records import LayerReport, RunReport
 INSERT_TIMEOUT_S = 600.0
 SAMPLE_TIMEOUT_S = 600.0
 ROPE = RopeSpec(method="yarn")  # teacher runs above the native size extend RoPE as generation does
-CHUNKS = {"query_chunk": 1024, "key_chunk": 4096}  # the ladder's rung-0 chunk caps (recorded)
 
 
 @dataclass
@@ -133,8 +132,8 @@ class DistillSession:
         trainer = LayerTrainer(
             student, training.trainer, training.loss, seed=derive_seed(cfg.seed, "trainer", key)
         )
-        caps = TrainCaps(query_cap=cfg.capture.query_cap, landmark_cap=config.landmark_max, **CHUNKS)
-        ladder = OomLadder(caps, landmark_floor=config.landmark_min)
+        # rung 0: the captures' query cap and the student's own chunks and landmark cap
+        ladder = OomLadder(trainer.default_caps(cfg.capture.query_cap), landmark_floor=config.landmark_min)
         return LayerSlot(key, group, trainer, LayerReadiness(training.readiness), ladder)
 
     # -- one teacher run -------------------------------------------------------------------------
@@ -208,8 +207,8 @@ class DistillSession:
         done, losses, start = 0, [], time.perf_counter()
         while done < todo and not slot.ladder.stopped:
             stats = self._update(slot)
-            if stats is None:  # out of memory: the ladder stepped down (or stopped the layer)
-                continue
+            if stats is None:  # out of memory: the ladder stepped down (or stopped the layer) and the
+                break  # layer's captures were cleared; it trains again on its next run's captures
             slot.attempts += 1
             slot.last = stats
             losses.append(stats.loss)
@@ -248,20 +247,24 @@ class DistillSession:
         )
 
     def _update(self, slot: LayerSlot) -> UpdateStats | None:
-        """One optimizer update of the layer; None after an out-of-memory error (ladder stepped)."""
+        """One optimizer update of the layer at its ladder's caps (query cap, chunks, landmark cap);
+        None after an out-of-memory error: the ladder stepped down (or stopped the layer, sticky) and
+        the layer's captures were deleted from the node's store (the rung's clear_buffer)."""
         batch = self.store.sample(
             slot.key, n=self.cfg.training.trainer.captures_per_update, timeout_s=SAMPLE_TIMEOUT_S
         )
         captures = [s.capture for s in batch]
         try:
-            return slot.trainer.update(captures, query_cap=slot.ladder.caps.query_cap)
+            return slot.trainer.update(captures, caps=slot.ladder.caps)
         except torch.OutOfMemoryError:
             pass
         # outside the except block: its traceback holds the failed step's activations
         del batch, captures
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        slot.ladder.on_oom(slot.attempts)
+        rung = slot.ladder.on_oom(slot.attempts)
+        if rung.clear_buffer:
+            self.store.clear_layer(slot.key)
         return None
 
     def _validate(self, slot: LayerSlot):
