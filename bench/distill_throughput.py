@@ -62,7 +62,8 @@ def job_spec(args: argparse.Namespace, workers: int) -> dict:
 
 def run_job(path: Path, output: Path) -> tuple[dict, float]:
     """`python -m runner run path` in a fresh process with a private Ray; (its job.json, wall s)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))  # keeps /tmp/site
+    env = {**os.environ, "PYTHONPATH": path, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     start = time.perf_counter()
     done = subprocess.run(
