@@ -62,8 +62,10 @@ def job_spec(args: argparse.Namespace, workers: int) -> dict:
 
 def run_job(path: Path, output: Path) -> tuple[dict, float]:
     """`python -m runner run path` in a fresh process with a private Ray; (its job.json, wall s)."""
-    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))  # keeps /tmp/site
-    env = {**os.environ, "PYTHONPATH": path, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    pythonpath = os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])
+    )  # keeps /tmp/site
+    env = {**os.environ, "PYTHONPATH": pythonpath, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_ADDRESS", None)
     start = time.perf_counter()
     done = subprocess.run(
