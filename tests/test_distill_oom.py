@@ -191,6 +191,8 @@ def test_after_the_last_rung_the_layer_stops_and_sampling_goes_on(teacher, store
     resumed = session(cfg, teacher, b.states())
     assert resumed.slots["single:1"].ladder.stopped  # sticky across a resume
     report = resumed.run(plan.run(5), worker=0)
-    assert report.captures > 0 and report.layers["single:1"].new_updates == 0  # the teacher still runs
-    assert layer_captures(store, "single:1")[0] + layer_captures(store, "single:1")[1] == report.captures
+    # the teacher still samples; a stopped layer is no longer captured (its captures would only
+    # take store bytes from the layers that still train)
+    assert report.sample_s > 0 and report.layers["single:1"].new_updates == 0
+    assert report.captures == 0 and layer_captures(store, "single:1") == (0, 0)
     assert report.layers["single:1"].updates == 0

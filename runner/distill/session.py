@@ -172,7 +172,9 @@ class DistillSession:
             step = int(record.step)
             if step not in swaps:
                 swaps[step] = frozenset(plan.swap_set(run.index, step))
-            if record.layer in swaps[step]:
+            # a layer whose out-of-memory ladder stopped it trains no more: its captures would only
+            # take the store's bytes from the layers that still train
+            if record.layer in swaps[step] and not self.slots[record.layer].ladder.stopped:
                 idx = plan.query_index(run.index, step, record.layer, record.q.shape[1])
                 source = CaptureSource(prompt_id=run.prompt_id, seed_id=run.seed_id)
                 for b in range(record.q.shape[0]):  # one capture per batch item
