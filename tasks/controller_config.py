@@ -8,6 +8,8 @@ workers: 2                         # rollout workers; the learner is one more ac
 updates: 40
 prompts_per_update: 2              # groups of K rollouts, one seed each
 rollouts: 4                        # K
+perceptual_weight: 0.0             # > 0: LPIPS(routed, teacher) in the reward; needs the AlexNet weights
+lpips_backbone: ""                 # torchvision's alexnet-owt-7be5be79.pth; "" = the torch hub cache
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class ControllerConfig:
     target_share: float = 0.5
     rmse_weight: float = 1.0
     cosine_weight: float = 1.0
+    perceptual_weight: float = 0.0
+    lpips_backbone: str = ""
     cost_table: str = ""
     timing_repeats: int = 5
     checkpoint_every: int = 5
@@ -81,6 +85,7 @@ class ControllerConfig:
         return RewardConfig(
             rmse_weight=self.rmse_weight,
             cosine_weight=self.cosine_weight,
+            perceptual_weight=self.perceptual_weight,
             cost_weight=self.cost_weight,
             target_share=self.target_share,
         )

@@ -6,7 +6,8 @@ For a group (update u, group g, seed s) the worker:
    u, g, k), core/control/rollout.py), samples again from the *same* noise with a `MaskRoute` serving
    the masked layers' students, and decodes;
 3. scores each routed trajectory against the teacher (core/control/reward.py) with the measured
-   attention cost of its masks (the worker's `CostTable`) and the policy's entropy at those states.
+   attention cost of its masks (the worker's `CostTable`) and the policy's entropy at those states;
+   with an LPIPS module (`EpisodeModel.perceptual`) the decoded images' LPIPS distance too.
 
 Common random numbers (one noise for the teacher and all K rollouts) make the K rewards differ only
 by the routing, which is what RLOO's leave-one-out baseline compares. Everything is a function of
@@ -26,6 +27,7 @@ from core.control.masks import mean_entropy
 from core.control.policy import RoutingPolicy
 from core.control.reward import CostTable, RewardConfig, quality_terms, reward
 from core.control.rollout import MaskPlan, Rollout, RolloutState, draw_rollout_masks
+from core.eval.lpips import LpipsAlex, lpips_distance
 from core.flow.generation import generation_noise, generation_sigmas
 from core.flow.sampling import sample_euler
 from core.flow.seeds import derive_seed
@@ -64,12 +66,14 @@ class EpisodeConfig:
 
 @dataclass
 class EpisodeModel:
-    """What a worker holds: the denoiser, its VAE decode, the conditioning and the ready students."""
+    """What a worker holds: the denoiser, its VAE decode, the conditioning and the ready students;
+    `perceptual`, the LPIPS module of the reward's perceptual term (None: the term is not measured)."""
 
     backbone: torch.nn.Module
     decode: Callable[[torch.Tensor], torch.Tensor]  # latents [1, C, h, w] -> images [1, 3, H, W] in [0, 1]
     cond: Cond
     students: Mapping[str, Student]
+    perceptual: LpipsAlex | None = None
 
     @property
     def ready(self) -> frozenset[str]:
@@ -123,6 +127,14 @@ def mask_seed(cfg: EpisodeConfig, task: GroupTask, k: int) -> int:
     return derive_seed(cfg.job_seed, "controller-mask", task.update, task.group, k)
 
 
+def perceptual_of(model: EpisodeModel, routed: Trajectory, teacher: Trajectory) -> float | None:
+    """LPIPS(routed image, teacher image), or None when the worker has no LPIPS module."""
+    if model.perceptual is None:
+        return None
+    device = next(model.perceptual.parameters()).device
+    return lpips_distance(model.perceptual, routed.image.to(device), teacher.image.to(device))
+
+
 def run_group(
     model: EpisodeModel, policy: RoutingPolicy, cost: CostTable, cfg: EpisodeConfig, task: GroupTask
 ) -> tuple[Trajectory, list[tuple[Rollout, Trajectory]]]:
@@ -136,7 +148,9 @@ def run_group(
             policy, state, step_sigmas, model.ready, seed=mask_seed(cfg, task, k), floor=cfg.prob_floor
         )
         routed = trajectory(model, cfg, task.seed, plan, policy.layers)
-        terms = quality_terms(routed.latent, teacher.latent, routed.image, teacher.image)
+        terms = quality_terms(
+            routed.latent, teacher.latent, routed.image, teacher.image, perceptual_of(model, routed, teacher)
+        )
         share = float(cost.routed_share(plan.full, policy.layers).mean())
         with torch.no_grad():
             logits = policy.logits([state.at(s) for s in step_sigmas])

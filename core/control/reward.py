@@ -5,7 +5,9 @@
 
 - Quality compares the routed (student) trajectory's final latent and decoded image with the
   teacher's from the same prompt and seed: RMSE sqrt(mse + 1e-8) and cosine distance 1 - cos over
-  each sample's flattened tensor, plus a perceptual distance (LPIPS) where the caller has one.
+  each sample's flattened tensor, plus a perceptual distance (LPIPS-Alex, core/eval/lpips.py) of the
+  decoded images when the job has its weights. A config that weighs the perceptual term (> 0) needs
+  the distance: scoring without it would silently drop a term the user asked for, so it raises.
 - The cost is *measured*: `share` is the attention time of the routed layers as a fraction of the
   step's attention time with every layer at full attention, from a `CostTable` of per-layer teacher
   and student timings taken at the job's resolution. A count of layers would be wrong: a layer's part
@@ -98,7 +100,7 @@ class CostTable:
 class RewardConfig:
     rmse_weight: float = 1.0
     cosine_weight: float = 1.0
-    perceptual_weight: float = 0.0  # used only where the caller measures a perceptual distance
+    perceptual_weight: float = 0.0  # > 0 needs a measured perceptual distance (LPIPS) in QualityTerms
     cost_weight: float = 1.0  # lambda
     target_share: float = 0.5  # routed attention-time share the cost is centred on
 
@@ -159,7 +161,11 @@ def quality_terms(
 def quality_loss(terms: QualityTerms, cfg: RewardConfig) -> float:
     loss = cfg.rmse_weight * (terms.latent_rmse + terms.image_rmse)
     loss += cfg.cosine_weight * (terms.latent_cosine + terms.image_cosine)
-    if terms.perceptual is not None:
+    if cfg.perceptual_weight > 0:
+        if terms.perceptual is None:
+            raise ValueError(
+                f"reward perceptual_weight is {cfg.perceptual_weight} but no perceptual distance was measured"
+            )
         loss += cfg.perceptual_weight * terms.perceptual
     return loss
 
