@@ -63,7 +63,7 @@ def test_rollout_reward_carries_lpips_of_routed_vs_teacher_image(episode):
     model, cost = episode
     cfg = episode_config(2.0)
     policy = build_policy(PolicyConfig(layers=LAYERS, hidden=16), seed=0)
-    teacher, rollouts = run_group(model, policy, cost, cfg, GroupTask(0, 0, 11))
+    teacher, rollouts = run_group(model, policy, cost, cfg, GroupTask(0, 0, 11, 0.5))
     assert teacher.image.shape[-2:] == (64, 64)
     routed_any = False
     for rollout, traj in rollouts:
@@ -71,6 +71,7 @@ def test_rollout_reward_carries_lpips_of_routed_vs_teacher_image(episode):
         assert rollout.quality.perceptual == expected
         base = quality_loss(rollout.quality, RewardConfig(perceptual_weight=0.0))
         assert rollout.reward.quality == pytest.approx(base + 2.0 * expected, rel=1e-12)
+        assert rollout.reward.target == pytest.approx(0.5 * 2 / 6)  # q * share of the 2 ready layers of 6
         routed_any |= not torch.equal(traj.image, teacher.image)
         if not torch.equal(traj.image, teacher.image):
             assert expected > 0  # a routed image differs perceptually
@@ -85,7 +86,7 @@ def test_a_weighted_perceptual_term_without_a_distance_is_refused(episode):
     no_lpips = EpisodeModel(model.backbone, model.decode, model.cond, model.students)
     policy = build_policy(PolicyConfig(layers=LAYERS, hidden=16), seed=0)
     with pytest.raises(ValueError, match="perceptual_weight is 0.5 but no perceptual distance was measured"):
-        run_group(no_lpips, policy, cost, episode_config(0.5), GroupTask(0, 0, 11))
+        run_group(no_lpips, policy, cost, episode_config(0.5), GroupTask(0, 0, 11, 0.5))
 
 
 def test_controller_job_asking_for_lpips_without_the_backbone_fails_before_work(tmp_path):
