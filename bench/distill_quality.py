@@ -5,10 +5,15 @@
 1. Per layer, cosine similarity and NMSE of student vs teacher on held-out captures: teacher runs
    from seeds the job never used (real sampling, every layer captured at every step, every query),
    binned in three sigma bands (high >= 2/3 > mid >= 1/3 > low).
-2. Generation at 1024 px (same seeds) with every servable layer routed vs the teacher: PSNR, SSIM.
-3. An upscale of an eval photo (x2) with the same layers routed vs the teacher: PSNR, SSIM.
+2. Generation at 1024 px (same seeds) with every servable layer routed vs the teacher: PSNR, SSIM,
+   LPIPS-Alex (Zhang et al. 2018; runner/perceptual.py).
+3. An upscale of an eval photo (x2) with the same layers routed vs the teacher: PSNR, SSIM, LPIPS.
 4. PNGs: ready layers and per-layer loss over updates (from the job's metrics.jsonl), and the
    teacher/student image pairs.
+
+LPIPS needs torchvision's AlexNet checkpoint: --lpips-backbone PATH (then required) or the torch hub
+cache. Without it the column is null and the result says why (`"lpips": {"measured": false, "reason":
+...}`); no number comes from random weights.
 
 Goals (issue 15): ready-layer cosine >= 0.99; routed PSNR >= 30 dB with at least half the layers
 routed. The JSON says what was reached. Runs in process at one torch thread per the job's workers.
@@ -42,6 +47,7 @@ from core.models.loading import ModelSpec  # noqa: E402
 from runner.context import JobArtifacts, JobContext, LocalModelPool  # noqa: E402
 from runner.distill.bundle import load_bundle  # noqa: E402
 from runner.models import load_model  # noqa: E402
+from runner.perceptual import LpipsColumn, LpipsUnavailableError, lpips_column  # noqa: E402
 from tasks.distill_attention import AttentionConfig  # noqa: E402
 from tasks.generate import run as generate  # noqa: E402
 from tasks.generate_config import GenerateConfig  # noqa: E402
@@ -97,7 +103,9 @@ def held_out_metrics(model, bundle, size: int, steps: int) -> dict:
     return out
 
 
-def routed_pair(model, run_fn, cfg, students: str, layers: str, out: Path, name: str) -> dict:
+def routed_pair(
+    model, run_fn, cfg, students: str, layers: str, out: Path, name: str, lpips: LpipsColumn
+) -> dict:
     teacher_pool = LocalModelPool(model)
     teacher = run_fn(
         cfg, JobContext(JobArtifacts(out / f"{name}_teacher", stream=open(os.devnull, "w")), teacher_pool)
@@ -114,6 +122,7 @@ def routed_pair(model, run_fn, cfg, students: str, layers: str, out: Path, name:
     return {
         "psnr_db": psnr(b, a),
         "ssim": ssim(b, a),
+        "lpips": lpips.score(b, a),  # None when LPIPS is not measured (the result's "lpips" says why)
         "routed": list(routed),
         "served_calls": record["served_calls"],
         "fallback_calls": record["fallback_calls"],
@@ -194,7 +203,13 @@ def main() -> None:
         "--image",
         default=str(Path(__file__).resolve().parents[2] / "shared/assets/images/eval/set5/butterfly.png"),
     )
+    ap.add_argument("--lpips-backbone", default=None, help="alexnet-owt-7be5be79.pth (then required)")
     args = ap.parse_args()
+    try:
+        lpips = lpips_column(args.lpips_backbone, required=args.lpips_backbone is not None)
+    except LpipsUnavailableError as err:
+        raise SystemExit(str(err)) from None
+    print("lpips:", "measured" if lpips.measured else f"not measured ({lpips.weights.reason})", flush=True)
     torch.set_num_threads(1)
     job, start = Path(args.job), time.perf_counter()
     students = str(job / "students")
@@ -204,13 +219,13 @@ def main() -> None:
     out = Path(os.environ.get("TMPDIR", "/tmp")) / "distill_quality"
     held_out = held_out_metrics(model, bundle, args.capture_size, args.steps)
     gen_cfg = GenerateConfig(model=REFERENCE, size=(args.size, args.size), seeds=(7,), steps=args.steps)
-    generation = routed_pair(model, generate, gen_cfg, students, "ready", out, "generate")
+    generation = routed_pair(model, generate, gen_cfg, students, "ready", out, "generate", lpips)
     up_cfg = UpscaleConfig(
         model=REFERENCE, image=args.image, scale=2.0, phases=1, steps=args.steps, denoise=(0.5,),
         skip_residual=None, coherence=CoherenceConfig(dilated=0),
         tiling=TilingConfig(method="multidiffusion"), outputs=QUIET,
     )  # fmt: skip
-    upscaled = routed_pair(model, upscale, up_cfg, students, "ready", out, "upscale")
+    upscaled = routed_pair(model, upscale, up_cfg, students, "ready", out, "upscale", lpips)
     curves = training_curves(job)
     ready_cos = [min(b["cosine"] for b in held_out[k].values()) for k in servable if k in held_out]
     result = {
@@ -227,6 +242,7 @@ def main() -> None:
         "generation_1024": generation,
         "upscale": {**upscaled, "image": args.image, "scale": 2.0},
         "training": curves,
+        "lpips": lpips.record(),
         "goals": {
             "ready_cosine_ge_0.99": bool(ready_cos) and min(ready_cos) >= 0.99,
             "worst_ready_cosine": min(ready_cos) if ready_cos else None,

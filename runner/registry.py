@@ -113,6 +113,7 @@ TASKS: dict[str, TaskEntry] = {
         config="tasks.controller_config:ControllerConfig",
         run="tasks.controller:run",
         needs="control",
+        check="runner.control.job:check",
         inputs=("students", "cost_table"),
         models=("model",),
         budgets=("updates",),

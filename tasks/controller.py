@@ -7,7 +7,8 @@ The loop (docs/controller.md):
    ran it: the per-layer median over the workers, or a table recorded by an earlier run;
 2. start the central learner (an actor holding the policy, AdamW and the baseline);
 3. per update u: the learner's weights are sent once to every worker; each of the
-   `prompts_per_update` groups (a seed keyed by (seed, u, g)) runs the teacher and K routed
+   `prompts_per_update` groups (a seed keyed by (seed, u, g), a quality_speed from
+   `quality_speeds` in turn) runs the teacher and K routed
    rollouts on whichever worker is free; the learner updates from all of them;
 4. metrics every `log_every` updates, teacher/student image pairs every `image_every`, a checkpoint
    (learner state, cost table, metrics so far) every `checkpoint_every` and at the end; a re-run in
@@ -32,7 +33,7 @@ from tasks.controller_config import ControllerConfig, ControllerContext, GroupRe
 CHECKPOINT = "checkpoint/controller_state"
 CONTROLLER_FILE = "controller.pt"
 CONTROLLER_FORMAT = "tessera-controller"
-CONTROLLER_VERSION = 1
+CONTROLLER_VERSION = 2  # 2: the policy sees quality_speed (1 did not; its files are refused)
 
 
 def combined_cost_table(infos: list[WorkerInfo]) -> CostTable:
@@ -64,7 +65,12 @@ def check_workers(infos: list[WorkerInfo]) -> None:
 
 def group_tasks(cfg: ControllerConfig, update: int) -> list[GroupTask]:
     return [
-        GroupTask(update, g, derive_seed(cfg.seed, "controller-prompt", update, g))
+        GroupTask(
+            update,
+            g,
+            derive_seed(cfg.seed, "controller-prompt", update, g),
+            cfg.group_quality_speed(update, g),
+        )
         for g in range(cfg.prompts_per_update)
     ]
 
@@ -105,6 +111,7 @@ def run(cfg: ControllerConfig, ctx: ControllerContext) -> dict:
     ctx.record("cost_table", cost.as_record())
     ctx.record("eligible_layers", list(ready))
     ctx.record("policy", policy.as_record())
+    ctx.record("quality_speeds", list(cfg.quality_speeds))
 
     def checkpoint(done: int) -> None:
         ctx.save_state(
@@ -145,6 +152,7 @@ def run(cfg: ControllerConfig, ctx: ControllerContext) -> dict:
             "eligible": list(ready),
             "students": cfg.students,
             "cost_table": cost.as_record(),
+            "quality_speeds": list(cfg.quality_speeds),
             "updates": final["step"],
         },
     )

@@ -9,14 +9,14 @@
 With a controller, each diffusion step routes the layers the trained policy picks at that step's
 sigma, guidance and token grid (core/control/inference.py) among the layers whose students may
 serve; those still fail closed. The decision is made once per step, logged once, and every step's
-decision (sigma, threshold, student layers) goes into job.json.
+decision (sigma, quality_speed, student layers) goes into job.json.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.control.inference import INFERENCE_MODES, InferenceMode, quality_speed_threshold
+from core.control.inference import INFERENCE_MODES, InferenceMode, check_quality_speed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,7 +33,7 @@ class ControllerAttention:
         if self.policy not in INFERENCE_MODES:
             raise ValueError(f"attention.policy must be one of {INFERENCE_MODES}, got {self.policy!r}")
         try:
-            quality_speed_threshold(self.quality_speed)
+            check_quality_speed(self.quality_speed)
         except ValueError:
             raise ValueError(f"attention.quality_speed must be in [0, 1], got {self.quality_speed}") from None
         if not self.temperature > 0:

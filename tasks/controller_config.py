@@ -8,6 +8,9 @@ workers: 2                         # rollout workers; the learner is one more ac
 updates: 40
 prompts_per_update: 2              # groups of K rollouts, one seed each
 rollouts: 4                        # K
+quality_speeds: [0, 0.25, 0.5, 0.75, 1]   # the frontier points trained on, one per group in turn
+perceptual_weight: 0.0             # > 0: LPIPS(routed, teacher) in the reward; needs the AlexNet weights
+lpips_backbone: ""                 # torchvision's alexnet-owt-7be5be79.pth; "" = the torch hub cache
 """
 
 from __future__ import annotations
@@ -45,9 +48,11 @@ class ControllerConfig:
     entropy_weight: float = 0.01
     prob_floor: float = 0.02
     cost_weight: float = 1.0
-    target_share: float = 0.5
+    quality_speeds: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     rmse_weight: float = 1.0
     cosine_weight: float = 1.0
+    perceptual_weight: float = 0.0
+    lpips_backbone: str = ""
     cost_table: str = ""
     timing_repeats: int = 5
     checkpoint_every: int = 5
@@ -69,6 +74,11 @@ class ControllerConfig:
         for name in ("checkpoint_every", "image_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        bad = [q for q in self.quality_speeds if not 0.0 <= q <= 1.0]
+        if not self.quality_speeds or bad:
+            raise ValueError(
+                f"quality_speeds must be a non-empty list in [0, 1], got {list(self.quality_speeds)}"
+            )
         self.learner()  # validates lr, entropy_weight, prob_floor
         self.reward()
 
@@ -81,9 +91,14 @@ class ControllerConfig:
         return RewardConfig(
             rmse_weight=self.rmse_weight,
             cosine_weight=self.cosine_weight,
+            perceptual_weight=self.perceptual_weight,
             cost_weight=self.cost_weight,
-            target_share=self.target_share,
         )
+
+    def group_quality_speed(self, update: int, group: int) -> float:
+        """The frontier point of group g of update u: the trained points in turn."""
+        qs = self.quality_speeds
+        return float(qs[(update * self.prompts_per_update + group) % len(qs)])
 
 
 @dataclass(frozen=True)

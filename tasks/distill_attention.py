@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.control.inference import INFERENCE_MODES, InferenceMode, quality_speed_threshold
+from core.control.inference import INFERENCE_MODES, InferenceMode, check_quality_speed
 from core.models.attention_hook import LayerSet
 from tasks.controller_attention import ControllerAttention
 
@@ -60,7 +60,7 @@ class AttentionConfig:
         if self.policy not in INFERENCE_MODES:
             raise ValueError(f"attention.policy must be one of {INFERENCE_MODES}, got {self.policy!r}")
         try:
-            quality_speed_threshold(self.quality_speed)
+            check_quality_speed(self.quality_speed)
         except ValueError:
             raise ValueError(f"attention.quality_speed must be in [0, 1], got {self.quality_speed}") from None
 

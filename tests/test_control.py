@@ -14,12 +14,21 @@ from core.attention.config import StudentConfig
 from core.attention.routes import StudentRoute
 from core.attention.student import build_student
 from core.control.baselines import EmaBaseline, rloo_advantages
-from core.control.inference import InferenceRouter, quality_speed_threshold
-from core.control.learner import Learner, LearnerConfig
+from core.control.episode import ready_share
+from core.control.inference import InferenceRouter
+from core.control.learner import Learner, LearnerConfig, logit_bound_penalty
 from core.control.mask_route import MaskRoute
 from core.control.masks import draw_masks, full_probability, log_prob, mean_entropy, step_weights
 from core.control.policy import PolicyConfig, PolicyInput, build_policy, policy_features
-from core.control.reward import CostTable, LayerTiming, QualityTerms, RewardConfig, RewardParts, reward
+from core.control.reward import (
+    CostTable,
+    LayerTiming,
+    QualityTerms,
+    RewardConfig,
+    RewardParts,
+    reward,
+    target_share,
+)
 from core.control.rollout import Rollout, RolloutState, draw_rollout_masks
 from core.models.attention_hook import LayerSet, attach
 from core.models.reference import load_reference
@@ -44,7 +53,7 @@ ZERO_QUALITY = QualityTerms(0.0, 0.0, 0.0, 0.0)
 def bandit_rollout(group, index, plan, state, value):
     """A rollout whose reward is value(plan) (no model: a bandit)."""
     total = value(plan)
-    parts = RewardParts(quality=0.0, share=0.0, cost=0.0, entropy=0.0, total=total)
+    parts = RewardParts(quality=0.0, share=0.0, target=0.0, cost=0.0, entropy=0.0, total=total)
     return Rollout(group, index, state, plan.records(), ZERO_QUALITY, parts, float(plan.log_prob.sum()))
 
 
@@ -104,7 +113,7 @@ def test_log_pi_at_sampling_equals_the_learners_recompute():
     learner = Learner(config, LearnerConfig(prob_floor=0.05), seed=3)
     with torch.no_grad():  # non-zero logits, so the check is not at the trivial p = 0.5
         learner.policy.trunk[-1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
-    state = RolloutState(cfg=1.0, rows=8, cols=12)
+    state = RolloutState(cfg=1.0, rows=8, cols=12, quality_speed=0.25)
     sigmas = [1.0, 0.7, 0.3]
     plan = draw_rollout_masks(
         learner.policy, state, sigmas, frozenset({"double:0", "single:0"}), seed=11, floor=0.05
@@ -119,17 +128,26 @@ def test_log_pi_at_sampling_equals_the_learners_recompute():
 def test_policy_features_are_one_convention_and_pooled_text_is_required_when_configured():
     config = PolicyConfig(layers=LAYERS, embed_dim=8, pooled_dim=3)
     with pytest.raises(ValueError, match="inputs \\[0\\] have none"):
-        policy_features([PolicyInput(sigma=0.5, cfg=1.0, rows=4, cols=4)], config)
-    f = policy_features([PolicyInput(sigma=0.5, cfg=1.0, rows=4, cols=6, pooled=torch.ones(3))], config)
+        policy_features([PolicyInput(sigma=0.5, cfg=1.0, rows=4, cols=4, quality_speed=0.0)], config)
+    f = policy_features(
+        [PolicyInput(sigma=0.5, cfg=1.0, rows=4, cols=6, quality_speed=0.5, pooled=torch.ones(3))], config
+    )
     assert f["grid"].shape == (1, 16) and f["pooled"].shape == (1, 3)
     assert f["sigma"][0, 0].item() == pytest.approx(math.cos(500.0))  # first frequency is 1
+    assert f["quality_speed"][0, 0].item() == pytest.approx(math.cos(500.0))  # q = 0.5 spread the same way
     # the attention call's float32 sigma and the schedule's float give one input
     f32 = float(torch.tensor(0.6, dtype=torch.float32))
-    one = policy_features([PolicyInput(sigma=0.6, cfg=1.0, rows=4, cols=4, pooled=torch.ones(3))], config)
-    other = policy_features([PolicyInput(sigma=f32, cfg=1.0, rows=4, cols=4, pooled=torch.ones(3))], config)
+    one = policy_features(
+        [PolicyInput(sigma=0.6, cfg=1.0, rows=4, cols=4, quality_speed=0.0, pooled=torch.ones(3))], config
+    )
+    other = policy_features(
+        [PolicyInput(sigma=f32, cfg=1.0, rows=4, cols=4, quality_speed=0.0, pooled=torch.ones(3))], config
+    )
     assert all(torch.equal(one[k], other[k]) for k in one)
     with pytest.raises(ValueError, match="sigma must be in"):
-        PolicyInput(sigma=1.5, cfg=1.0, rows=4, cols=4)
+        PolicyInput(sigma=1.5, cfg=1.0, rows=4, cols=4, quality_speed=0.0)
+    with pytest.raises(ValueError, match="quality_speed must be in"):
+        PolicyInput(sigma=0.5, cfg=1.0, rows=4, cols=4, quality_speed=1.5)
 
 
 # ---- baselines, reward, cost ----------------------------------------------------------------------------
@@ -170,17 +188,20 @@ def test_cost_table_share_and_reward_golden():
     terms = QualityTerms(
         latent_rmse=0.1, latent_cosine=0.02, image_rmse=0.2, image_cosine=0.03, perceptual=0.5
     )
-    parts = reward(terms, 0.4, 0.6, RewardConfig(perceptual_weight=2.0, target_share=0.5), entropy_weight=0.1)
+    target = target_share(0.625, 0.8)  # q * share_ready = 0.5
+    parts = reward(terms, 0.4, 0.6, RewardConfig(perceptual_weight=2.0), target=target, entropy_weight=0.1)
     # quality = 0.3 + 0.05 + 1.0; cost = |0.4 - 0.5|; R = -1.35 - 0.1 + 0.06
     assert parts.quality == pytest.approx(1.35) and parts.cost == pytest.approx(0.1)
-    assert parts.total == pytest.approx(-1.39)
+    assert parts.total == pytest.approx(-1.39) and parts.target == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="quality_speed must be in"):
+        target_share(-0.1, 0.8)
 
 
 # ---- learner: bandit, resume --------------------------------------------------------------------------
 
 
 SIGMAS = [0.9, 0.2]
-STATE = RolloutState(cfg=1.0, rows=8, cols=8)
+STATE = RolloutState(cfg=1.0, rows=8, cols=8, quality_speed=0.5)
 
 
 def bandit_value(plan):
@@ -205,7 +226,7 @@ def bandit_updates(learner, updates, *, first=0, groups=2, k=4):
 
 def test_toy_bandit_converges_to_the_known_sigma_dependent_optimum():
     learner = Learner(PolicyConfig(layers=LAYERS, hidden=64), LearnerConfig(), seed=0)
-    stats = bandit_updates(learner, 60)
+    stats = bandit_updates(learner, 80)
     with torch.no_grad():
         p = full_probability(learner.policy.logits([STATE.at(s) for s in SIGMAS]), 0.02)
     # optimum: full attention for double:0 at sigma 0.9 only and for double:1 always; single:0 routed
@@ -240,20 +261,77 @@ def test_resume_equals_an_uninterrupted_run(baseline):
 def test_inference_threshold_and_stochastic_policies():
     policy = build_policy(PolicyConfig(layers=LAYERS, hidden=16), seed=0)  # zero last layer: p = 0.5
     ready = frozenset({"double:0", "single:0"})
-    state = PolicyInput(sigma=0.5, cfg=1.0, rows=8, cols=8)
-    assert quality_speed_threshold(0.5) == pytest.approx(0.5)
-    assert (
-        InferenceRouter(policy, ready, mode="threshold", quality_speed=0.0).decide(state, 0).student_layers
-        == ()
-    )
-    fast = InferenceRouter(policy, ready, mode="threshold", quality_speed=1.0)
-    assert fast.decide(state, 0).student_layers == ("double:0", "single:0")
+    tie = InferenceRouter(policy, ready, mode="threshold", quality_speed=1.0)
+    assert tie.decide(tie.state(0.5, 1.0, 8, 8), 0).student_layers == ()  # p = 1/2 keeps the teacher
+    with torch.no_grad():
+        policy.trunk[-1].bias.copy_(torch.tensor([-1.0, -1.0, -1.0]))  # p(full) = 0.27 for every layer
+    fast = InferenceRouter(policy, ready, mode="threshold", quality_speed=0.5)
+    state = fast.state(0.5, 1.0, 8, 8)
+    assert state == PolicyInput(sigma=0.5, cfg=1.0, rows=8, cols=8, quality_speed=0.5)
+    assert fast.decide(state, 0).student_layers == ("double:0", "single:0")  # double:1 is not ready
     assert fast.decide(state, 0) is fast.decisions[0] and len(fast.decisions) == 1  # one decision per step
+    assert fast.decisions[0].as_record()["quality_speed"] == 0.5
+    with pytest.raises(ValueError, match="quality_speed 0.0 from a router at 0.5"):
+        fast.decide(PolicyInput(sigma=0.5, cfg=1.0, rows=8, cols=8, quality_speed=0.0), 1)
     draws = [InferenceRouter(policy, ready, mode="stochastic", quality_speed=0.5, seed=3) for _ in range(2)]
     steps = [[r.decide(state, s).student_layers for s in range(16)] for r in draws]
     assert steps[0] == steps[1] and len(set(steps[0])) > 1  # seeded by (seed, step), and it varies
     with pytest.raises(ValueError, match="quality_speed"):
         InferenceRouter(policy, ready, mode="threshold", quality_speed=1.5)
+
+
+# Frontier bandit: layers A, B, C (double:0, double:1, single:0) with attention-time shares 1/4, 1/4,
+# 1/2 and quality damages 0.02, 0.15, 0.05 when routed, one step. With the real reward (lambda = 1,
+# target q * share_ready, share_ready = 1), enumerating the 8 masks gives one optimum per q, each
+# routing exactly the target share: q = 0 none, 0.25 {A}, 0.5 {C}, 0.75 {A, C}, 1 {A, B, C}. The test
+# trains on q = 0, 0.5, 1. (Trained on all five for 160 updates, q = 0.25 stayed at "none", next to
+# q = 0's optimum; the other four were found.)
+FRONTIER_COST = CostTable(
+    rows=8, cols=8, timings=(LayerTiming("double:0", 1.0, 0.5), LayerTiming("double:1", 1.0, 0.5),
+                             LayerTiming("single:0", 2.0, 0.5)),
+)  # fmt: skip
+FRONTIER_DAMAGE = torch.tensor([0.02, 0.15, 0.05])
+FRONTIER_QS = (0.0, 0.5, 1.0)
+FRONTIER_OPTIMA = {0.0: (), 0.5: ("single:0",), 1.0: LAYERS}
+
+
+def frontier_updates(learner, updates, k=4):
+    ready = frozenset(LAYERS)
+    share_ready = ready_share(FRONTIER_COST, LAYERS, ready)
+    for u in range(updates):
+        rollouts = []
+        for g, q in enumerate(FRONTIER_QS):
+            state = RolloutState(cfg=1.0, rows=8, cols=8, quality_speed=q)
+            for i in range(k):
+                plan = draw_rollout_masks(
+                    learner.policy, state, [0.5], ready, seed=1000 * u + 10 * g + i, floor=0.02
+                )
+                routed = ~plan.full[0]
+                terms = QualityTerms(float((FRONTIER_DAMAGE * routed).sum()), 0.0, 0.0, 0.0)
+                share = float(FRONTIER_COST.routed_share(plan.full, LAYERS)[0])
+                parts = reward(terms, share, 0.0, RewardConfig(), target=target_share(q, share_ready),
+                               entropy_weight=0.0)  # fmt: skip
+                rollouts.append(
+                    Rollout(g, i, state, plan.records(), terms, parts, float(plan.log_prob.sum()))
+                )
+        learner.update(rollouts)
+
+
+def test_logit_bound_penalty_golden():
+    # floor 0.2: L = log(0.8 / 0.2) = log 4; excess over eligible entries: (5 - L), 0, (L + 1 - L) = 1
+    logits = torch.tensor([[5.0, 0.5], [-(math.log(4) + 1), 9.0]])
+    eligible = torch.tensor([[True, True], [True, False]])
+    expected = ((5 - math.log(4)) ** 2 + 1.0) / 3
+    assert logit_bound_penalty(logits, eligible, 0.2).item() == pytest.approx(expected, rel=1e-6)
+    assert logit_bound_penalty(logits, eligible, 0.0).item() == 0.0
+
+
+def test_one_policy_conditioned_on_quality_speed_learns_the_whole_frontier():
+    learner = Learner(PolicyConfig(layers=LAYERS, hidden=64), LearnerConfig(), seed=0)
+    frontier_updates(learner, 120)
+    for q, optimum in FRONTIER_OPTIMA.items():
+        router = InferenceRouter(learner.policy, frozenset(LAYERS), mode="threshold", quality_speed=q)
+        assert router.decide(router.state(0.5, 1.0, 8, 8), 0).student_layers == optimum, q
 
 
 # ---- the per-step mask route on the reference model ----------------------------------------------------

@@ -84,5 +84,6 @@ def test_two_workers_resumed_equal_one_worker_uninterrupted(ray_cluster, bundle,
     assert [t["worker"] for t in tables] == [0, 1] and all(len(t["timings"]) == 6 for t in tables)
     assert two["records"]["cost_table"] == json.loads(cost_file.read_text())
     assert two["records"]["eligible_layers"] == list(SERVABLE)
+    assert two["records"]["perceptual"]["weight"] == 0.0  # the perceptual term's weight as used
     assert (tmp_path / "two" / "pairs" / "update_00002.png").is_file()
     assert (tmp_path / "two" / "controller.pt").is_file()

@@ -17,6 +17,7 @@ from runner.models import load_model
 from runner.run import run_job
 from tasks.controller import CONTROLLER_FORMAT, CONTROLLER_VERSION
 from tasks.distill_attention import AttentionConfig
+from tests.test_control_serving import fit_policy
 from tests.test_generate_task import LAYERS, REFERENCE, generate, make_bundle
 
 pytestmark = pytest.mark.cpu
@@ -28,11 +29,9 @@ def model():
 
 
 def make_controller(path, students: str) -> str:
-    """p(full) = sigmoid(6) for double:*, sigmoid(-1) ~ 0.27 for single:* (the last layer's bias):
-    tau(0) = 0.1 keeps every layer full, tau(1) = 0.9 routes single:*."""
+    """quality_speed 0 keeps every layer full; quality_speed 1 routes single:* (double:* stay full)."""
     learner = Learner(PolicyConfig(layers=tuple(LAYERS), hidden=16), LearnerConfig(), seed=0)
-    with torch.no_grad():
-        learner.policy.trunk[-1].bias.copy_(torch.tensor([6.0, 6.0, -1.0, -1.0, -1.0, -1.0]))
+    fit_policy(learner.policy, {0.0: [3.0] * 6, 1.0: [3.0, 3.0, -3.0, -3.0, -3.0, -3.0]})
     state = learner.state_dict()
     torch.save(
         {
@@ -88,16 +87,16 @@ def test_controller_at_quality_zero_is_the_teacher_and_its_decisions_reach_job_j
         stop_workers("genctl")
     assert torch.equal(outcome.result.image, teacher.image)
     record = json.loads((tmp_path / "pool" / "job.json").read_text())["attention"]
-    assert [(d["step"], d["threshold"], d["student_layers"]) for d in record["decisions"]] == [
-        (0, 0.1, []),
-        (1, 0.1, []),
+    assert [(d["step"], d["quality_speed"], d["student_layers"]) for d in record["decisions"]] == [
+        (0, 0.0, []),
+        (1, 0.0, []),
     ]
     assert record["decisions"][0]["sigma"] == pytest.approx(1.0)
     assert record["controller"] == controller and record["served_calls"] == 0
     lines = [line for line in console.getvalue().splitlines() if line.startswith("[attention]")]
     assert lines == [
-        "[attention] step 0 sigma 1.0000 threshold 0.100 students: none",
-        f"[attention] step 1 sigma {record['decisions'][1]['sigma']:.4f} threshold 0.100 students: none",
+        "[attention] step 0 sigma 1.0000 quality_speed 0.000 students: none",
+        f"[attention] step 1 sigma {record['decisions'][1]['sigma']:.4f} quality_speed 0.000 students: none",
     ]  # each step's decision once
 
 

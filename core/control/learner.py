@@ -4,6 +4,7 @@ One update takes G groups (one prompt and seed each) of K rollouts and minimises
 
     loss = -1/(G K) sum_r A_r sum_s w_s sum_{l eligible} log pi(full_{s,l} | state_s)
            - lambda_ent H(policy at the recorded states)
+           + c_bound mean_{eligible} max(0, |logit| - L)^2,     L = log((1 - eps) / eps)
 
 with log pi recomputed through the live policy from each rollout's recorded (sigma, mask,
 eligibility) and the same `PolicyInput`s the worker sampled with (core/control/policy.py), A_r the
@@ -12,12 +13,23 @@ mean Bernoulli entropy over eligible layers (the A3C-style entropy bonus, Mnih e
 the reward too, where under RLOO it cancels: the K rollouts of a group see the same states). AdamW,
 gradients clipped by global norm.
 
+The logit bound. The exploration floor eps keeps p(full) in [eps, 1 - eps] (core/control/masks.py),
+but not the logits: once sigmoid(l) is within eps of 0 or 1 the policy's behaviour no longer changes
+while its log pi gradient, proportional to sigmoid(l) (1 - sigmoid(l)), decays as e^-|l|. Logits then
+run away, and a layer stuck at the floor cannot come back however good the rollouts that explore it
+are: the controller trained for the one target of its reward ended with every probability at the
+floor (bench/results/controller.json before this term), and a policy conditioned on quality_speed
+lost whole frontier points to it on a toy bandit (tests/test_control.py). The squared hinge beyond
+L = logit(1 - eps), where sigmoid reaches the floor, holds the logits where the gradient lives and
+changes no behaviour the floor allows.
+
 Rollouts are sorted by (group, index) before the loss is summed, so an update does not depend on
 which worker returned which rollout first: one worker and two give the same update.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -32,6 +44,11 @@ from core.control.rollout import Rollout
 Baseline = Literal["rloo", "ema"]
 BASELINES: tuple[str, ...] = ("rloo", "ema")
 LEARNER_FORMAT = 1
+# c_bound. On the frontier bandit of tests/test_control.py at lr 1e-2, without the term the policy fell
+# within 80 updates into one q-independent mask at the floor and stayed; with 0.1 it kept learning.
+# 1.0 held the logits as well but slowed learning (a standing tug of war at the bound inflates Adam's
+# second moments for every parameter).
+LOGIT_BOUND_WEIGHT = 0.1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,9 +87,19 @@ class UpdateStats:
     share_mean: float
     quality_mean: float
     grad_norm: float
+    logit_abs_max: float  # over eligible entries before the update (the bound is logit(1 - floor))
 
     def as_metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items() if k != "step"}
+
+
+def logit_bound_penalty(logits: torch.Tensor, eligible: torch.Tensor, floor: float) -> torch.Tensor:
+    """mean over eligible entries of max(0, |l| - L)^2, L = log((1 - floor) / floor); 0 with floor 0."""
+    if floor <= 0:
+        return logits.new_zeros(())
+    excess = (logits.abs() - math.log((1 - floor) / floor)).clamp(min=0) * eligible.to(logits.dtype)
+    count = eligible.sum()
+    return excess.square().sum() / count if count > 0 else excess.sum() * 0.0
 
 
 class Learner:
@@ -127,7 +154,10 @@ class Learner:
             logits_all = torch.cat(logits)
             eligible_all = torch.cat([r.eligible() for r in rollouts])
             entropy = mean_entropy(logits_all, eligible_all, floor=floor)
-            loss = -policy_term / len(rollouts) - self.cfg.entropy_weight * entropy
+            bound = logit_bound_penalty(logits_all, eligible_all, floor)
+            loss = (
+                -policy_term / len(rollouts) - self.cfg.entropy_weight * entropy + LOGIT_BOUND_WEIGHT * bound
+            )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip)
@@ -147,6 +177,7 @@ class Learner:
             share_mean=sum(r.reward.share for r in rollouts) / len(rollouts),
             quality_mean=sum(r.reward.quality for r in rollouts) / len(rollouts),
             grad_norm=float(grad_norm),
+            logit_abs_max=float(logits_all.detach()[eligible_all].abs().max()) if n_elig else 0.0,
         )
 
     def policy_state(self) -> dict[str, torch.Tensor]:

@@ -11,8 +11,9 @@ Decisions:
   probability 1 - exp(-e^l), 0.63 at l = 0, while its log pi was Bernoulli(sigmoid(l)): a biased
   REINFORCE estimator, and its temperature never changed a hard mask.)
 - The probability floor mixes rather than clamps: p = eps + (1 - 2 eps) sigmoid(l), so a layer the
-  policy has gated off keeps being explored (p(student) >= eps), the gradient never vanishes at the
-  floor, and sampling, log pi and entropy all use this one p.
+  policy has gated off keeps being explored (p(student) >= eps), and sampling, log pi and entropy all
+  use this one p. The floor bounds p, not the logit: the log pi gradient still decays as
+  sigmoid(l) (1 - sigmoid(l)) once l runs away, so the learner bounds the logits (core/control/learner.py).
 """
 
 from __future__ import annotations

@@ -1,9 +1,18 @@
-"""The routing policy: (sigma, cfg, latent tokens per axis, optional pooled text) -> one logit per layer.
+"""The routing policy: (sigma, cfg, latent tokens per axis, quality_speed, optional pooled text) -> one
+logit per layer.
 
 A high logit means full attention (the teacher); the probability of full attention is sigmoid(logit).
 The network follows the Flux2TTR controller: sinusoidal embeddings of sigma and cfg, a resolution
 embedding (an MLP on sinusoidal embeddings of the latent token grid), optionally a projection of the
 pooled text vector, concatenated into a SiLU MLP trunk with one output per eligible layer.
+
+quality_speed q in [0, 1] is an input too: the user's point on the quality/speed frontier. Training
+draws q per rollout group and rewards the routed attention-time share against the target q times the
+share of routing every ready layer (core/control/reward.py), so one policy learns the whole frontier
+(a preference-conditioned policy); serving passes the job's q and takes the policy's most probable
+action. Without q as an input the policy learns the one trade-off its reward fixed, drives its
+probabilities to the exploration floor, and no threshold on them moves along a frontier
+(docs/controller.md).
 
 `policy_features` is the only place the network input is built. Sampling masks in a rollout, the
 learner's log-prob recompute and inference in a job all call it with the same `PolicyInput`, in one
@@ -21,6 +30,7 @@ import torch
 from torch import nn
 
 SIGMA_SCALE = 1000.0  # sigma in [0, 1] embedded as a 0..1000 timestep, as the denoiser's own embedding
+QUALITY_SPEED_SCALE = 1000.0  # q in [0, 1] spread the same way
 CFG_SCALE = 100.0  # cfg ~ 1..10 spread over 100..1000
 
 
@@ -30,6 +40,7 @@ class PolicyInput:
 
     sigma: flow time in [0, 1]. cfg: guidance scale (1.0 when the model has none).
     rows, cols: the latent token grid of the call (image tokens = rows x cols, after 2x2 packing).
+    quality_speed: the frontier point asked for, 0 = quality (route little) .. 1 = speed (route much).
     pooled: the pooled text vector [D] or None (a policy built with pooled_dim > 0 requires it).
     """
 
@@ -37,11 +48,14 @@ class PolicyInput:
     cfg: float
     rows: int
     cols: int
+    quality_speed: float
     pooled: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.sigma <= 1.0:
             raise ValueError(f"policy input sigma must be in [0, 1], got {self.sigma}")
+        if not 0.0 <= self.quality_speed <= 1.0:
+            raise ValueError(f"policy input quality_speed must be in [0, 1], got {self.quality_speed}")
         if self.rows < 1 or self.cols < 1:
             raise ValueError(f"policy input grid must be >= 1 x 1 tokens, got {self.rows} x {self.cols}")
 
@@ -78,7 +92,8 @@ class PolicyConfig:
 
 def policy_features(inputs: Sequence[PolicyInput], config: PolicyConfig) -> dict[str, torch.Tensor]:
     """The network input for a batch of states: the one function used for sampling, recompute and
-    inference. Returns float32 CPU tensors: sigma [N, E], cfg [N, E], grid [N, 2E], pooled [N, P]."""
+    inference. Returns float32 CPU tensors: sigma [N, E], cfg [N, E], quality_speed [N, E], grid [N, 2E],
+    pooled [N, P]."""
     e = config.embed_dim
     # sigma rounded to float32 first: the attention call carries it as float32, the sampler's
     # schedule as a Python float; both must give the policy the same input.
@@ -86,9 +101,11 @@ def policy_features(inputs: Sequence[PolicyInput], config: PolicyConfig) -> dict
     cfg = torch.tensor([s.cfg for s in inputs], dtype=torch.float64) * CFG_SCALE
     rows = torch.tensor([s.rows for s in inputs], dtype=torch.float64)
     cols = torch.tensor([s.cols for s in inputs], dtype=torch.float64)
+    q = torch.tensor([s.quality_speed for s in inputs], dtype=torch.float64) * QUALITY_SPEED_SCALE
     out = {
         "sigma": sinusoidal(sigma, e),
         "cfg": sinusoidal(cfg, e),
+        "quality_speed": sinusoidal(q, e),
         "grid": torch.cat([sinusoidal(cols, e), sinusoidal(rows, e)], dim=1),
     }
     if config.pooled_dim:
@@ -118,7 +135,7 @@ class RoutingPolicy(nn.Module):
         e, h = config.embed_dim, config.hidden
         self.grid = nn.Sequential(nn.Linear(2 * e, e), nn.SiLU(), nn.Linear(e, e))
         self.text = nn.Linear(config.pooled_dim, e) if config.pooled_dim else None
-        width = 3 * e + (e if config.pooled_dim else 0)
+        width = 4 * e + (e if config.pooled_dim else 0)
         self.trunk = nn.Sequential(
             nn.Linear(width, h), nn.SiLU(), nn.Linear(h, h), nn.SiLU(), nn.Linear(h, len(config.layers))
         )
@@ -130,7 +147,7 @@ class RoutingPolicy(nn.Module):
         return self.config.layers
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [features["sigma"], features["cfg"], self.grid(features["grid"])]
+        parts = [features["sigma"], features["cfg"], features["quality_speed"], self.grid(features["grid"])]
         if self.text is not None:
             parts.append(self.text(features["pooled"]))
         return self.trunk(torch.cat(parts, dim=1))

@@ -1,11 +1,13 @@
 """The rollout reward: quality against the teacher, the measured attention cost, an entropy bonus.
 
     R = -(w_rmse (rmse_lat + rmse_img) + w_cos (cos_lat + cos_img) + w_perc perceptual)
-        - lambda |share - target| + lambda_ent H
+        - lambda |share - target(q)| + lambda_ent H,     target(q) = q * share_ready
 
 - Quality compares the routed (student) trajectory's final latent and decoded image with the
   teacher's from the same prompt and seed: RMSE sqrt(mse + 1e-8) and cosine distance 1 - cos over
-  each sample's flattened tensor, plus a perceptual distance (LPIPS) where the caller has one.
+  each sample's flattened tensor, plus a perceptual distance (LPIPS-Alex, core/eval/lpips.py) of the
+  decoded images when the job has its weights. A config that weighs the perceptual term (> 0) needs
+  the distance: scoring without it would silently drop a term the user asked for, so it raises.
 - The cost is *measured*: `share` is the attention time of the routed layers as a fraction of the
   step's attention time with every layer at full attention, from a `CostTable` of per-layer teacher
   and student timings taken at the job's resolution. A count of layers would be wrong: a layer's part
@@ -13,6 +15,10 @@
   double and single blocks differ.
 - The penalty is symmetric around the target share (routing too little and too much both cost), as
   the Flux2TTR controller's; with a one-sided penalty the policy routes every layer it may.
+- The target moves with the group's quality_speed q (an input of the policy, core/control/policy.py):
+  q times `share_ready`, the share of routing every ready layer. q = 0 asks for the teacher, q = 1 for
+  every ready layer, and in between the policy learns which layers buy the share at the least
+  quality: one policy spans the frontier instead of one fixed trade-off.
 - H is the mean Bernoulli entropy of the policy over eligible layers and steps (core/control/masks.py).
 """
 
@@ -98,16 +104,13 @@ class CostTable:
 class RewardConfig:
     rmse_weight: float = 1.0
     cosine_weight: float = 1.0
-    perceptual_weight: float = 0.0  # used only where the caller measures a perceptual distance
+    perceptual_weight: float = 0.0  # > 0 needs a measured perceptual distance (LPIPS) in QualityTerms
     cost_weight: float = 1.0  # lambda
-    target_share: float = 0.5  # routed attention-time share the cost is centred on
 
     def __post_init__(self) -> None:
         for name in ("rmse_weight", "cosine_weight", "perceptual_weight", "cost_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"reward {name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.target_share <= 1.0:
-            raise ValueError(f"reward target_share must be in [0, 1], got {self.target_share}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class QualityTerms:
 class RewardParts:
     quality: float
     share: float
+    target: float
     cost: float
     entropy: float
     total: float
@@ -159,19 +163,37 @@ def quality_terms(
 def quality_loss(terms: QualityTerms, cfg: RewardConfig) -> float:
     loss = cfg.rmse_weight * (terms.latent_rmse + terms.image_rmse)
     loss += cfg.cosine_weight * (terms.latent_cosine + terms.image_cosine)
-    if terms.perceptual is not None:
+    if cfg.perceptual_weight > 0:
+        if terms.perceptual is None:
+            raise ValueError(
+                f"reward perceptual_weight is {cfg.perceptual_weight} but no perceptual distance was measured"
+            )
         loss += cfg.perceptual_weight * terms.perceptual
     return loss
 
 
+def target_share(quality_speed: float, ready_share: float) -> float:
+    """target(q) = q * share_ready: the routed share a group with quality_speed q is rewarded towards."""
+    if not 0.0 <= quality_speed <= 1.0:
+        raise ValueError(f"quality_speed must be in [0, 1], got {quality_speed}")
+    return quality_speed * ready_share
+
+
 def reward(
-    terms: QualityTerms, share: float, entropy: float, cfg: RewardConfig, *, entropy_weight: float
+    terms: QualityTerms,
+    share: float,
+    entropy: float,
+    cfg: RewardConfig,
+    *,
+    target: float,
+    entropy_weight: float,
 ) -> RewardParts:
-    """R = -quality - lambda |share - target| + lambda_ent H (share: mean routed share over steps).
+    """R = -quality - lambda |share - target| + lambda_ent H (share: mean routed share over steps;
+    target: `target_share(q, share_ready)` of the rollout's group).
 
     lambda_ent is the learner's entropy weight (core/control/learner.py), the one knob for the bonus.
     """
     quality = quality_loss(terms, cfg)
-    cost = abs(share - cfg.target_share)
+    cost = abs(share - target)
     total = -quality - cfg.cost_weight * cost + entropy_weight * entropy
-    return RewardParts(quality=quality, share=share, cost=cost, entropy=entropy, total=total)
+    return RewardParts(quality=quality, share=share, target=target, cost=cost, entropy=entropy, total=total)

@@ -29,15 +29,24 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class RolloutState:
-    """What is fixed over a trajectory: guidance, latent token grid, pooled text (or None)."""
+    """What is fixed over a trajectory: guidance, latent token grid, the group's quality_speed, pooled
+    text (or None)."""
 
     cfg: float
     rows: int
     cols: int
+    quality_speed: float
     pooled: torch.Tensor | None = None
 
     def at(self, sigma: float) -> PolicyInput:
-        return PolicyInput(sigma=sigma, cfg=self.cfg, rows=self.rows, cols=self.cols, pooled=self.pooled)
+        return PolicyInput(
+            sigma=sigma,
+            cfg=self.cfg,
+            rows=self.rows,
+            cols=self.cols,
+            quality_speed=self.quality_speed,
+            pooled=self.pooled,
+        )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ Workers reserve one GPU each when the cluster has enough for all of them, else o
 and the learner are this job's own actors and are killed when it ends (fails or is interrupted).
 Groups go to whichever worker is free (`ray.wait`), results come back in task order, and a group
 is a pure function of (model, students, weights, task), so the assignment never changes an update.
+
+The reward's perceptual term (LPIPS-Alex, runner/perceptual.py): `check` runs before any work (the
+registry's pre-flight check) and refuses a job with perceptual_weight > 0 whose AlexNet backbone is
+missing or not the published file, naming the field and the path; the workers load LPIPS only when the
+weight is > 0, and job.json records the weight used (`records.perceptual`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,32 @@ from runner.config import Job
 from runner.context import JobArtifacts
 from runner.control.learner import RemoteLearner
 from runner.control.worker import RolloutWorker
+from runner.perceptual import ALEXNET_FILE, ALEXNET_SHA256, resolve_lpips
 from tasks.controller_config import ControllerConfig, GroupResult, WorkerInfo
+
+
+def lpips_backbone(cfg: ControllerConfig) -> str | None:
+    """The configured AlexNet checkpoint, or None for the torch hub cache."""
+    return cfg.lpips_backbone or None
+
+
+def check(cfg: ControllerConfig) -> None:
+    """Before any work: perceptual_weight > 0 needs verified LPIPS weights."""
+    if cfg.perceptual_weight <= 0:
+        return
+    weights = resolve_lpips(lpips_backbone(cfg))
+    if not weights.available:
+        raise FileNotFoundError(
+            f"perceptual_weight {cfg.perceptual_weight} needs LPIPS, which is unavailable: {weights.reason}. "
+            f"Set lpips_backbone to torchvision's {ALEXNET_FILE} (SHA-256 {ALEXNET_SHA256}), or "
+            "perceptual_weight=0"
+        )
+
+
+def perceptual_record(cfg: ControllerConfig) -> dict[str, Any]:
+    """The perceptual term as used: its weight and where the LPIPS weights came from (or why not)."""
+    weights = resolve_lpips(lpips_backbone(cfg))
+    return {"weight": cfg.perceptual_weight, "lpips": weights.record()}
 
 
 class ControllerJobContext:
@@ -43,6 +73,7 @@ class ControllerJobContext:
         gpus = ray.cluster_resources().get("GPU", 0.0)
         options = {"num_gpus": 1, "num_cpus": 1} if gpus >= cfg.workers else {"num_cpus": 1}
         self.arts.record("controller_workers", {"count": cfg.workers, **options})
+        self.arts.record("perceptual", perceptual_record(cfg))
         actor = ray.remote(RolloutWorker).options(**options)
         self.workers = [actor.remote(cfg, w) for w in range(cfg.workers)]
         self.policy_config: PolicyConfig | None = None

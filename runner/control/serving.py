@@ -46,6 +46,11 @@ def load_controller(path: str | Path) -> TrainedController:
     if state.get("version") != CONTROLLER_VERSION:
         raise ValueError(
             f"controller {str(path)!r} has version {state.get('version')}, expected {CONTROLLER_VERSION}"
+            + (
+                " (version 1 policies do not see quality_speed: train the controller again)"
+                if state.get("version") == 1
+                else ""
+            )
         )
     record = dict(state["policy_config"])
     policy = build_policy(PolicyConfig(**{**record, "layers": tuple(record["layers"])}), seed=0)
@@ -55,15 +60,16 @@ def load_controller(path: str | Path) -> TrainedController:
     )
 
 
-def call_state(record: AttentionRecord) -> PolicyInput:
-    """The policy's input for an attention call: the one convention (sigma, cfg, tokens per axis)."""
+def call_state(record: AttentionRecord, router: InferenceRouter) -> PolicyInput:
+    """The policy's input for an attention call: the one convention (sigma, cfg, tokens per axis), at
+    the router's quality_speed."""
     sigma = record.sigma
     if not torch.all(sigma == sigma[0]):
         raise ValueError(
             f"a routed batch mixes sigmas {sigma.tolist()}: one routing decision needs one sigma"
         )
     cfg = 1.0 if record.cfg is None else float(record.cfg)
-    return PolicyInput(sigma=float(sigma[0]), cfg=cfg, rows=record.rows, cols=record.cols)
+    return router.state(float(sigma[0]), cfg, record.rows, record.cols)
 
 
 class ControlledStudents:
@@ -86,7 +92,7 @@ class ControlledStudents:
         self._taken = 0
 
     def _decide(self, record: AttentionRecord) -> frozenset[str]:
-        return frozenset(self.router.decide(call_state(record), record.step).student_layers)
+        return frozenset(self.router.decide(call_state(record, self.router), record.step).student_layers)
 
     @contextlib.contextmanager
     def routed(self, transformer: nn.Module) -> Iterator[None]:

@@ -16,6 +16,7 @@ from core.models.attention_hook import layer_keys
 from runner.control.timing import measure_cost_table
 from runner.distill.bundle import load_bundle
 from runner.models import load_model, model_device
+from runner.perceptual import require_lpips
 from tasks.controller_config import ControllerConfig, GroupResult, WorkerInfo
 
 
@@ -36,8 +37,12 @@ class RolloutWorker:
         students = {k: bundle.layers[k].build(device) for k in servable}
         latent = cfg.size // loaded.vae.scale_factor
         dtype = next(loaded.backbone.parameters()).dtype
+        # LPIPS only when the reward weighs it; the job's pre-flight check has verified the weights
+        perceptual = (
+            require_lpips(cfg.lpips_backbone or None, device=device) if cfg.perceptual_weight > 0 else None
+        )
         self.model = EpisodeModel(
-            loaded.backbone, loaded.vae.decode, loaded.make_cond().to(device, dtype), students
+            loaded.backbone, loaded.vae.decode, loaded.make_cond().to(device, dtype), students, perceptual
         )
         self.episode = EpisodeConfig(
             latent_h=latent,

@@ -137,7 +137,7 @@ class StudentsServing:
                 if self.console is not None:
                     layers = ",".join(d.student_layers) or "none"
                     print(
-                        f"[attention] step {d.step} sigma {d.sigma:.4f} threshold {d.threshold:.3f} "
+                        f"[attention] step {d.step} sigma {d.sigma:.4f} quality_speed {d.quality_speed:.3f} "
                         f"students: {layers}",
                         file=self.console,
                         flush=True,
