@@ -13,7 +13,7 @@ import json
 import math
 import os
 import pickle
-import tempfile
+import uuid
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,8 +31,10 @@ from core.eval.pictures import to_uint8
 
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    # Not tempfile.mkstemp: its files are mode 0600, and results are read by others (a shared results
+    # volume, a web server, a colleague). Created here as open() would create them: 0666 less the umask.
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp)
         os.replace(tmp, path)

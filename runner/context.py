@@ -169,7 +169,8 @@ class JobArtifacts:
         rate = (count - start_count) / elapsed if elapsed > 0 else float("nan")
         steps_rate = done / elapsed if elapsed > 0 and done else float("nan")
         eta = (total - done) / steps_rate if steps_rate and np.isfinite(steps_rate) else float("nan")
-        line = f"[{label}] {done}/{total} | {count} {unit} | {rate:.2f} {unit}/s | ETA {_fmt_duration(eta)}"
+        rate_text = f"{rate:.2f}" if np.isfinite(rate) else "-"  # no rate before the first step ends
+        line = f"[{label}] {done}/{total} | {count} {unit} | {rate_text} {unit}/s | ETA {_fmt_duration(eta)}"
         print(line, file=self.stream, flush=True)
         self.last_progress = {"label": label, "done": done, "total": total, "count": count, "unit": unit}
 

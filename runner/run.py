@@ -288,9 +288,9 @@ def _run_one(prepared: Prepared, stream, driver: dict, *, overwrite: bool) -> Jo
     try:
         if "ray" not in driver:  # the first job of this process starts or joins Ray; the rest reuse it
             driver["ray"] = init_ray()
+            print(driver["ray"].describe(), file=stream, flush=True)  # once, not per job of a sweep
         conn = driver["ray"]
         record.data["ray"] = asdict(conn)
-        print(conn.describe(), file=stream, flush=True)
         if conn.started and not conn.loopback:
             arts.record_fallback(
                 "local Ray not on loopback",

@@ -53,8 +53,8 @@ def test_pool_warm_list_and_stop_through_the_cli(ray_cluster, tmp_path):
     try:
         warm = tessera("pool", "warm", str(job), "pool.cpus_per_worker=0.5", env=at)
         assert warm.returncode == 0, warm.stderr
-        assert "pool 'spare': created (1 workers, 0.5 CPU, 0.5 GPU each" in warm.stdout
-        assert "pool 'spare' is warm: 1 workers, model loaded" in warm.stdout
+        assert "pool 'spare': created (1 worker, 0.5 CPU, 0.5 GPU each" in warm.stdout
+        assert "pool 'spare' is warm: 1 worker, model loaded" in warm.stdout
         listing = tessera("pool", "list", env=at)
         assert listing.returncode == 0, listing.stderr
         header, *rows = listing.stdout.splitlines()
@@ -80,8 +80,8 @@ def test_pool_warm_list_and_stop_through_the_cli(ray_cluster, tmp_path):
         end_job(busy)
         stopped = tessera("pool", "stop", "--all", env=at)
         assert stopped.returncode == 0, stopped.stderr
-        assert "stopped pool 'listed' (1 workers)" in stopped.stdout
-        assert "stopped pool 'spare' (1 workers)" in stopped.stdout
+        assert "stopped pool 'listed' (1 worker)" in stopped.stdout
+        assert "stopped pool 'spare' (1 worker)" in stopped.stdout
         assert not {"listed", "spare"} & set(worker_names())
         assert tessera("pool", "list", env=at).stdout.strip() == "no pools" or "listed" not in listing.stdout
     finally:
@@ -157,7 +157,7 @@ def test_on_a_local_ray_without_gpus(local_ray_env, tmp_path, assets):
     path.write_text(yaml.safe_dump(job))
     proc = tessera("run", str(path), env=local_ray_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "pool 'local': created (1 workers, 1 CPU each, model random/tiny)" in proc.stdout
+    assert "pool 'local': created (1 worker, 1 CPU each, model random/tiny)" in proc.stdout
     record = json.loads((tmp_path / "cpu" / "job.json").read_text())
     assert record["pool"]["pool"]["device"] == "cpu" and record["pool"]["pool"]["cpu_fallback"]
     [fallback] = [f for f in record["pool"]["fallbacks"] if f["what"] == "pool on CPU"]

@@ -59,20 +59,21 @@ def run_pool_command(args: argparse.Namespace) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from runner.pool.lifecycle import list_pools, stop_all, stop_pool
+    from runner.pool.placement import amount
 
     if args.pool_command == "list":
         print_table([p.row() for p in list_pools()])
     elif args.pool_command == "stop" and args.all:
         stopped, refused = stop_all(force=args.force)
         for name, count in stopped.items():
-            print(f"stopped pool {name!r} ({count} workers)")
+            print(f"stopped pool {name!r} ({amount(count, 'worker')})")
         for message in refused.values():
             print(f"error: {message}", file=sys.stderr)
         if not stopped and not refused:
             print("no pools")
         return 2 if refused else 0
     elif args.pool_command == "stop":
-        print(f"stopped pool {args.name!r} ({stop_pool(args.name, force=args.force)} workers)")
+        print(f"stopped pool {args.name!r} ({amount(stop_pool(args.name, force=args.force), 'worker')})")
     elif args.pool_command == "warm":
         return _warm(args.job, args.overrides)
     return 0
@@ -82,6 +83,7 @@ def _warm(path: str, overrides: list[str]) -> int:
     import ray
 
     from runner.config import JobConfigError, load_job
+    from runner.pool.placement import amount
     from runner.pool.pool import connect_pool
 
     try:
@@ -93,7 +95,7 @@ def _warm(path: str, overrides: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     ray.get([w.end_job.remote(pool.job) for w in pool.workers])  # warm, not held
-    print(f"pool {pool.name!r} is warm: {pool.size} workers, model loaded")
+    print(f"pool {pool.name!r} is warm: {amount(pool.size, 'worker')}, model loaded")
     return 0
 
 

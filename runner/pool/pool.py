@@ -36,6 +36,7 @@ from runner.pool.placement import (
     PoolError,
     PoolPlan,
     WorkerResources,
+    amount,
     cluster_can_grow,
     describe_need,
     model_name,
@@ -165,7 +166,7 @@ def _connect(cfg, spec, plan: PoolPlan, job: str, worker_cls: type, what: str, l
         cpu_fallback=plan.cpu_fallback,
     )
     log(
-        f"{what}: {facts['action']} ({plan.size} workers, {plan.resources.describe()} each, "
+        f"{what}: {facts['action']} ({amount(plan.size, 'worker')}, {plan.resources.describe()} each, "
         f"model {model_name(spec)}{'; ' + facts['reason'] if facts.get('reason') else ''})"
     )
     return WorkerPool(
