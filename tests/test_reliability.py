@@ -101,15 +101,17 @@ def pixels(path: Path) -> np.ndarray:
 def test_a_changed_input_is_not_resumed_from_the_old_checkpoint(cluster_env, assets, tmp_path):
     """Overwrite the input, run the same command: the old checkpoint is set aside (its fingerprint
     names the input's bytes) and the result is the new image's, equal to a fresh run on it."""
+    from runner.run import run_job  # in process: the runs' files are what is checked, not the CLI
+
     image = crop(assets, tmp_path / "in.png", (100, 100, 180, 164))
     job = job_yaml(tmp_path / "job.yaml", image=str(image))
     out, fresh = tmp_path / "out", tmp_path / "fresh"
-    first = tessera("run", str(job), f"output={out}", env=cluster_env)
-    assert first.returncode == 0, first.stderr[-3000:]
+    [first] = run_job(job, [f"output={out}"], stream=open(os.devnull, "w"))
+    assert first.record["status"] == "succeeded"
     old = pixels(out / "result.png")
     crop(assets, image, (20, 30, 100, 94))  # another part of the photo, same size, same path
-    again = tessera("run", str(job), f"output={out}", env=cluster_env)
-    assert again.returncode == 0, again.stderr[-3000:]
+    [again] = run_job(job, [f"output={out}"], stream=open(os.devnull, "w"))
+    assert again.record["status"] == "succeeded"
     rec = record(out)
     assert "resumed_from_phase" not in rec["records"]  # phases recomputed, none resumed
     [aside] = [
@@ -120,8 +122,8 @@ def test_a_changed_input_is_not_resumed_from_the_old_checkpoint(cluster_env, ass
         rec["fingerprint"]["inputs"]["image"]["sha256"]
         != record(out / "attempts/001")["fingerprint"]["inputs"]["image"]["sha256"]
     )
-    ref = tessera("run", str(job), f"output={fresh}", env=cluster_env)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    [ref] = run_job(job, [f"output={fresh}"], stream=open(os.devnull, "w"))
+    assert ref.record["status"] == "succeeded"
     assert np.array_equal(pixels(out / "result.png"), pixels(fresh / "result.png"))
     assert not np.array_equal(pixels(out / "result.png"), old)
 
@@ -199,21 +201,24 @@ def test_a_truncated_input_is_refused_before_ray_starts(cluster_env, photo, tmp_
 
 @pytest.fixture(scope="module")
 def damaged_rerun(cluster_env, photo, tmp_path_factory) -> dict:
-    """A finished two-phase job whose newest checkpoint is then truncated, and the same command again."""
+    """A finished two-phase job whose newest checkpoint is then truncated, and the same job again (both
+    in process: their files are what is checked; the CLI's refusals are tested below)."""
+    from runner.run import run_job
+
     root = tmp_path_factory.mktemp("damaged")
     job, out = job_yaml(root / "job.yaml", image=str(photo)), root / "out"
-    first = tessera("run", str(job), f"output={out}", env=cluster_env)
-    assert first.returncode == 0, first.stderr[-3000:]
+    [first] = run_job(job, [f"output={out}"], stream=open(os.devnull, "w"))
+    assert first.record["status"] == "succeeded"
     before = {"record": record(out), "result": pixels(out / "result.png")}
     ckpt = checkpoint_file(out)
     ckpt.write_bytes(ckpt.read_bytes()[:100])
-    again = tessera("run", str(job), f"output={out}", env=cluster_env)
-    return {"job": job, "out": out, "ckpt": ckpt, "before": before, "proc": again}
+    [again] = run_job(job, [f"output={out}"], stream=open(os.devnull, "w"))
+    return {"job": job, "out": out, "ckpt": ckpt, "before": before, "again": again}
 
 
 def test_a_damaged_checkpoint_is_set_aside_and_its_phase_recomputed(damaged_rerun):
-    out, proc, before = damaged_rerun["out"], damaged_rerun["proc"], damaged_rerun["before"]
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out, again, before = damaged_rerun["out"], damaged_rerun["again"], damaged_rerun["before"]
+    assert again.record["status"] == "succeeded"
     rec = record(out)
     [aside] = rec["set_aside"]
     name = damaged_rerun["ckpt"].name
@@ -226,7 +231,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_its_phase_recomputed(damaged_reru
 
 def test_a_resumed_run_labels_its_views_with_their_phase(damaged_rerun):
     """The resumed run ran phase 2 only; its views are phase 2's, under that name."""
-    assert damaged_rerun["proc"].returncode == 0
+    assert damaged_rerun["again"].record["status"] == "succeeded"
     views = record(damaged_rerun["out"])["records"]["views_per_step"]
     assert views["phase2"] == damaged_rerun["before"]["record"]["records"]["views_per_step"]["phase2"]
 
