@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,11 @@ def run_and_remove_the_workers_node(
     node and call `then()`. Returns (outcome or None, error or None)."""
     job = load_job(job_file, overrides)
     worker_cls = type("Block", (BlockOnce,), {"MARKER": str(marker)})
-    pool = connect_pool(job.runner.pool, job.config.model, worker_cls=worker_cls)
+    # The pool starts with the job file's timeout (a worker process takes seconds to start on a busy
+    # CI machine); the job that reuses it then waits for a lost worker's replacement for the
+    # overrides' pool.placement_timeout_s.
+    start = replace(job.runner.pool, placement_timeout_s=load_job(job_file).runner.pool.placement_timeout_s)
+    pool = connect_pool(start, job.config.model, worker_cls=worker_cls)
     ray.get([w.end_job.remote(pool.job) for w in pool.workers])
     result: dict = {}
 
@@ -182,12 +187,12 @@ def test_node_lost_and_no_replacement_fails_naming_the_worker_and_the_timeout(cl
         cluster,
         job_file,
         tmp_path / "blocked",
-        [f"output={tmp_path / 'out'}", "pool.name=stranded", "pool.placement_timeout_s=15"],
+        [f"output={tmp_path / 'out'}", "pool.name=stranded", "pool.placement_timeout_s=5"],
     )
     assert outcome is None and isinstance(error, WorkerLostError)
     message = str(error)
     assert message.startswith("lost worker 0 (stranded-0, pid ")
-    assert "no replacement started within pool.placement_timeout_s=15 s" in message
+    assert "no replacement started within pool.placement_timeout_s=5 s" in message
     assert "waiting for a replacement of worker 0 to start (1 CPU, 1 GPU each); the cluster has " in message
     import json
 
