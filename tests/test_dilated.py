@@ -123,6 +123,23 @@ def test_restandardisation_uses_the_padded_latent():
     assert z_g.std().item() == pytest.approx(padded.std().item(), rel=1e-5)
 
 
+def test_views_do_not_depend_on_the_thread_count():
+    """The scalar statistics of the re-standardisation are whole-tensor reductions, which torch splits
+    across threads: in float32 a 4-thread driver gave 215,844 of these 524,288 values another rounding
+    than a 1-thread one (measured before the statistics went to float64)."""
+    x = latent(128, 128, c=32, seed=7) * 1.3 + 0.2
+    plan = DilatedPlan(2, blur_sigma=1.0)
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            runs.append(torch.stack([v.x for v in plan.views(x, 0.8, 0)]))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
 def test_rope_attached_only_beyond_native_grid():
     spec = RopeSpec(method="yarn")
     x = latent(16, 16)

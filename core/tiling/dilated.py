@@ -174,7 +174,12 @@ def _pad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:
 
 
 def _restandardise(z_g: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """z_g shifted and scaled to ref's scalar mean and unbiased std (float32 statistics)."""
-    g32, r32 = z_g.float(), ref.float()
-    g_std = g32.std().clamp_min(1e-12)  # a constant z_g stays constant instead of turning NaN
-    return ((g32 - g32.mean()) / g_std * r32.std() + r32.mean()).to(z_g.dtype)
+    """z_g shifted and scaled to ref's scalar mean and unbiased std.
+
+    The statistics are float64: a whole-tensor reduction is split across the process's threads, and
+    in float32 its rounding changed with the thread count (one driver thread against two gave
+    images 1/255 apart); in float64 the split's rounding sits far below float32's resolution."""
+    g64, r64 = z_g.double(), ref.double()
+    g_mean, g_std = g64.mean(), g64.std().clamp_min(1e-12)  # a constant z_g stays constant
+    scale, shift = (r64.std() / g_std).float(), r64.mean().float()
+    return ((z_g.float() - g_mean.float()) * scale + shift).to(z_g.dtype)
