@@ -358,54 +358,6 @@ def run_direct(b: Bench) -> dict:
     }
 
 
-def routed_pair(b: Bench, name: str, fields: dict, attention: dict) -> dict:
-    """One job with SDPA and with students routed: job times (less the pool connect) and counters."""
-    out = {}
-    for label, extra in (("sdpa", {}), ("students", {"attention": attention})):
-        record = b.job(f"{name}_{label}", {**fields, **extra}, [])
-        t = record["timings"]
-        out[label] = {
-            "job_s": round(t["total_s"] - t.get("pool_connect_s", 0.0), 3),
-            "denoise_s": t.get("denoise_s"),
-            "vae_decode_s": t.get("vae_decode_s"),
-            "views": record["pool"]["views"],
-            "attention": record["pool"].get("attention", {}).get("counters", {}).get("total"),
-            "fallbacks": record["fallbacks"],
-        }
-        print(f"{name} {label}: job {out[label]['job_s']} s", flush=True)
-    out["job_time_ratio_sdpa_over_students"] = round(out["sdpa"]["job_s"] / out["students"]["job_s"], 3)
-    return out
-
-
-def run_routed(b: Bench) -> dict:
-    from bench.speed_students import speed_bundle
-
-    folder = b.tmp / "speed-students"
-    speed_bundle(folder, b.model["shape"])
-    min_tokens = (b.px(b.args.min_side) // 16) ** 2  # 8x VAE, 2x2 patches
-    attention = {"students": str(folder), "min_image_tokens": min_tokens}
-    direct = b.job_4096(
-        synthetic_image(b.tmp / "in4096.png", b.px(4096)),
-        phases=1, steps=b.args.direct_steps, denoise=[1.0], skip_residual=None,
-        coherence={"dilated": 0}, tiling={"method": "none"},
-    )  # fmt: skip
-    whole = b.job_4096(
-        synthetic_image(b.tmp / "in1024.png", b.px(1024)),
-        steps=20, denoise=[0.6, 0.4], coherence={"dilated": "auto"},
-        tiling={"method": "multidiffusion", "tile": b.px(1024), "overlap": b.px(256)},
-    )  # fmt: skip
-    return {
-        "bench": "upscale_routed",
-        "env": b.env,
-        "model": b.model,
-        "students": "untrained, speed only (bench/speed_students.py)",
-        "min_side_px": b.args.min_side,
-        "min_image_tokens": min_tokens,
-        "direct_4096": {"steps": b.args.direct_steps, **routed_pair(b, "direct", direct, attention)},
-        "progressive_1024_to_4096": routed_pair(b, "whole", whole, attention),
-    }
-
-
 def oom_probe(b: Bench, model: dict, tile: int, out_px: int) -> dict:
     """On one uncapped worker: the weights, one view's and one untiled decode's memory (GiB), and
     the memory fraction and batch size that make the job's batches (not the VAE) run out of memory."""
@@ -515,7 +467,9 @@ def main() -> None:
         elif what == "oom":
             write_result("oom_fallback" + suffix, run_oom(b))
         elif what == "routed":
-            write_result("upscale_routed" + suffix, run_routed(b))
+            from bench.upscale_routed import run_routed
+
+            write_result("upscale_routed" + suffix, run_routed(b, synthetic_image))
     print(f"bench done in {time.perf_counter() - started:.1f} s", flush=True)
 
 
