@@ -97,6 +97,10 @@ class Job:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            # as a terminal starts it: SIGINT at its default. An ignored SIGINT is inherited through
+            # exec (Python then leaves it ignored), and a test earlier in the session can leave this
+            # process ignoring it: the Ctrl-C would then never reach the job.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
